@@ -1,0 +1,47 @@
+# `make repro`: set up .venv (if missing or stale) and run the pipeline; `make test`: set up and run the tests.
+# The lock file pins every version this project was tested with; torch comes from pip (not uv/poetry).
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup repro test test-fast lint format dataset clean-outputs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	$(VENV)/bin/dvc config core.analytics false
+	touch $(STAMP)
+
+# The default target dataset: Debian's package (offline). Other datasets need nothing here.
+dataset:
+	@if [ -f $(FASHION) ] || ! grep -qE '^\s*dataset:\s*fashion_mnist' params.yaml; then exit 0; fi; \
+	echo "installing Debian's dataset-fashion-mnist (the default target data)"; \
+	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	$$SUDO apt-get install -y -q dataset-fashion-mnist || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; } \
+	|| { echo "could not install dataset-fashion-mnist: set data.path in params.yaml, or data.allow_download: true"; exit 1; }
+
+repro: setup dataset
+	$(VENV)/bin/dvc repro
+
+test: setup dataset
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .

@@ -1,0 +1,66 @@
+"""Stage `features@<source>`: one forward pass of a candidate source over the prepared splits, cached.
+
+Penultimate features (and the source classifier's logits, where it has one) per split, as .npy. Scoring
+and the `linear_probe` strategy read this cache; no stage runs a frozen backbone over the same images
+twice.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from stages._common import params_or_exit, parser, run_main
+from transferlab.backbones import extract, load_source
+from transferlab.data import SPLITS, load_prepared
+from transferlab.io import write_json, write_npy
+from transferlab.seeding import seed_everything
+from transferlab.tracking import stage_run
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--source", required=True, help="a key of `sources` in params")
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--pretrained-dir", default="models/pretrain", help="where pretrain@<name> writes models")
+    p.add_argument("--out", required=True, help="folder for this source's features")
+    args = p.parse_args()
+    params = params_or_exit(args.params)
+    if args.source not in params.sources:
+        raise SystemExit(f"--source {args.source}: not a key of `sources` (valid: {sorted(params.sources)})")
+    spec = params.sources[args.source]
+    read = {"seed": params.seed, f"sources.{args.source}": spec.model_dump()}
+    seed_everything(params.seed, params.train.num_threads)
+    data = load_prepared(args.prepared)
+    source = load_source(args.source, spec, seed=params.seed, pipeline_dir=args.pretrained_dir)
+    with stage_run(params.tracking, f"features@{args.source}", read, tags={"source": args.source}):
+        import mlflow
+
+        out = Path(args.out)
+        t = time.perf_counter()
+        for split in SPLITS:
+            feats, logits = extract(
+                source.model, data.images[split], source.mean, source.std, with_logits=source.has_classifier
+            )
+            write_npy(out / f"{split}_features.npy", feats)
+            if logits is not None:
+                write_npy(out / f"{split}_logits.npy", logits)
+        seconds = time.perf_counter() - t
+        write_json(
+            out / "source.json",
+            {
+                "name": source.name,
+                "arch": source.arch,
+                "weights": source.weights,
+                "weights_sha256": source.weights_sha256,
+                "mean": source.mean,
+                "std": source.std,
+                "has_classifier": source.has_classifier,
+                "feature_dim": int(feats.shape[1]),
+            },
+        )
+        mlflow.log_metric("features_seconds", seconds)
+
+
+if __name__ == "__main__":
+    run_main(main)

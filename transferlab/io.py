@@ -1,0 +1,106 @@
+"""Atomic writes and content hashes: a killed stage never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write through a temp file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be read by others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write `data` as sorted, indented JSON (stable bytes for stable inputs)."""
+    text = json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n"
+    return _atomic(path, lambda p: p.write_text(text))
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return _atomic(path, lambda p: p.write_text(text))
+
+
+def write_npy(path: str | Path, array: np.ndarray) -> Path:
+    """Save one array as .npy (no zip container, so the bytes depend only on the data)."""
+
+    def _save(p: Path) -> None:
+        with open(p, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+
+    return _atomic(path, _save)
+
+
+def save_torch(path: str | Path, obj: Any) -> Path:
+    import torch
+
+    return _atomic(path, lambda p: torch.save(obj, p))
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def path_sha256(path: str | Path) -> str:
+    """Hash of a file, or of a folder's files (sorted relative names and contents)."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def dict_sha256(data: Any) -> str:
+    return hashlib.sha256(json.dumps(_jsonable(data), sort_keys=True).encode()).hexdigest()
+
+
+def dir_size_bytes(path: str | Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

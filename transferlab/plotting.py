@@ -1,0 +1,60 @@
+"""PNG figures for people (DVC plots get the CSVs; these go to MLflow and the report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def confusion_png(confusion: np.ndarray, class_names: list[str], title: str, path: str | Path) -> Path:
+    """Row-normalised confusion matrix (rows: true class) with counts in the cells."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    norm = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(class_names), 1 + 0.5 * len(class_names)))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
+    for i in range(len(class_names)):
+        for j in range(len(class_names)):
+            ax.text(
+                j,
+                i,
+                int(confusion[i, j]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def gain_png(rows: list[dict], title: str, path: str | Path) -> Path:
+    """Horizontal bars: each strategy's accuracy gain over the baseline with its CI as error bars."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [r["name"] for r in rows]
+    gain = np.array([r["gain"] for r in rows]) * 100
+    lo = gain - np.array([r["ci_low"] for r in rows]) * 100
+    hi = np.array([r["ci_high"] for r in rows]) * 100 - gain
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))
+    colors = ["tab:green" if r["ci_low"] > 0 else "tab:red" if r["ci_high"] < 0 else "tab:gray" for r in rows]
+    ax.barh(names, gain, xerr=[lo, hi], color=colors, capsize=4)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("test accuracy gain over baseline (percentage points, 95% CI)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,96 @@
+"""The strategy interface: how a source becomes a trainable target model, and how it is saved."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from transferlab.backbones import SourceModel, with_new_head
+from transferlab.io import read_json, save_torch, write_json
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+class StrategyConfig(BaseModel):
+    """Fields every strategy has; a strategy's Config adds its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str = Field(description="registered strategy name")
+    lr: float = Field(1e-3, gt=0, le=10, description="learning rate of the newly initialised head")
+    epochs: int | None = Field(None, ge=1, description="overrides train.epochs for this strategy")
+    source: str | None = Field(None, description="overrides train.source for this strategy")
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: instantiate and register under `cls.name`."""
+    STRATEGIES[cls.name] = cls()
+    return cls
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def head_names(model: nn.Module) -> list[str]:
+    clf = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "classifier")
+    return [n for n, _ in model.named_parameters() if n == clf or n.startswith(clf + ".")]
+
+
+class Strategy:
+    """Base class. Subclasses set `name`, `Config` and `summary`, and override what differs.
+
+    Life cycle in `training.train_strategy`: `build` -> per epoch `on_epoch_start`, `set_train_mode`, steps
+    with `param_groups` -> `save`; `load` rebuilds the trained model for evaluation.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type[StrategyConfig]] = StrategyConfig
+    uses_features: ClassVar[bool] = False  # trains on the features cache instead of images
+    pretrained: ClassVar[bool] = True  # False: starts from random weights (scratch)
+
+    def build(self, source: SourceModel, num_classes: int, cfg: StrategyConfig, seed: int) -> nn.Module:
+        """The source network with a new `num_classes` head and the right parameters trainable."""
+        return with_new_head(source.model, num_classes, seed)
+
+    def param_groups(self, model: nn.Module, cfg: StrategyConfig) -> list[dict]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
+
+    def on_epoch_start(
+        self, model: nn.Module, epoch: int, cfg: StrategyConfig, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Hook for schedules that change what trains (gradual unfreezing)."""
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        """Train mode, except BatchNorm layers whose affine params are frozen: their running statistics
+        stay the source's (a frozen block must compute what it computed before)."""
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.requires_grad:
+                m.eval()
+
+    def save(self, model: nn.Module, out_dir: Path, meta: dict) -> None:
+        """Save the trained model with what `load` needs (architecture, classes, preprocessing)."""
+        save_torch(out_dir / "model.pt", {"state_dict": model.state_dict(), **meta})
+        write_json(out_dir / "model_meta.json", meta)
+
+    def load(self, out_dir: Path, load_source: Callable[[], SourceModel]) -> nn.Module:
+        """Rebuild the trained model from `out_dir` (eval mode)."""
+        import timm
+
+        ckpt = torch.load(out_dir / "model.pt", map_location="cpu", weights_only=True)
+        model = timm.create_model(
+            ckpt["arch"], pretrained=False, num_classes=ckpt["num_classes"], **ckpt.get("kwargs", {})
+        )
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+        return model.eval()
+
+    @staticmethod
+    def read_meta(out_dir: Path) -> dict:
+        return read_json(out_dir / "model_meta.json")

@@ -1,0 +1,164 @@
+"""MLflow tracking and provenance: one MLflow run per stage execution, tagged with the stage, strategy,
+git commit (and dirty flag) and params hash; `run_info` gathers what an auditor needs beside a model.
+
+The DVC metrics files stay the source of truth; MLflow is the audit trail and the UI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import os
+import platform
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from transferlab.io import dict_sha256
+
+log = logging.getLogger(__name__)
+
+LIBRARIES = ["torch", "torchvision", "timm", "peft", "numpy", "scikit-learn", "dvc", "mlflow", "pandas", "pydantic"]
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be used; the message names the URI and the fix."""
+
+
+def resolve_uri(configured: str) -> str:
+    """MLFLOW_TRACKING_URI wins over params (`tracking.uri`), as MLflow users expect."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured
+
+
+def check_reachable(uri: str, timeout_s: float) -> None:
+    """Fail fast, before any training, when an HTTP tracking server does not answer.
+
+    Raises:
+        TrackingError: no answer within `timeout_s`, naming the URI and the two ways out.
+    """
+    if not uri.startswith(("http://", "https://")):
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - the user's own server
+            if resp.status >= 500:
+                raise TrackingError(f"MLflow server {uri} answered {resp.status} on /health")
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({exc}). Start it, fix tracking.uri / "
+            "MLFLOW_TRACKING_URI, or use the local database: tracking.uri: sqlite:///mlflow.db"
+        ) from None
+
+
+def git_info(cwd: str | Path = ".") -> dict[str, Any]:
+    """The commit and whether the work tree differs from it (a dirty run is still recorded, but flagged)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        # dvc.lock and generated outputs change during `dvc repro` itself; code and params are what count.
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"))
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return {"git_commit": "unknown", "git_dirty": True}
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            versions[lib] = "not installed"
+    return versions
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+@contextlib.contextmanager
+def stage_run(
+    tracking: Any, stage: str, params: dict[str, Any], *, strategy: str | None = None, tags: dict | None = None
+) -> Iterator[Any]:
+    """One MLflow run for one stage execution.
+
+    Args:
+        tracking: the `tracking` params (uri, experiment, connect_timeout_s).
+        stage: DVC stage name, e.g. 'train@lora'.
+        params: the params sections this stage read (logged flattened, and hashed into a tag).
+        strategy: the strategy name, when the stage has one.
+        tags: extra tags.
+
+    Yields:
+        The active mlflow run; a failure inside marks it FAILED and re-raises.
+
+    Raises:
+        TrackingError: the tracking server is unreachable.
+    """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = resolve_uri(tracking.uri)
+    check_reachable(uri, tracking.connect_timeout_s)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(tracking.connect_timeout_s)))
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(tracking.experiment)
+    if exp is None:
+        location = None
+        if not uri.startswith(("http://", "https://", "databricks")):
+            location = Path("mlartifacts").resolve().as_uri()  # beside the database, not in ./mlruns
+        exp_id = mlflow.create_experiment(tracking.experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    all_tags = {
+        "stage": stage,
+        "params_sha256": dict_sha256(params),
+        **{k: str(v) for k, v in git_info().items()},
+        **({"strategy": strategy} if strategy else {}),
+        **(tags or {}),
+    }
+    with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=all_tags) as run:
+        flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+        keys = sorted(flat)
+        for i in range(0, len(keys), 100):  # MLflow takes at most 100 params per batch
+            mlflow.log_params({k: flat[k] for k in keys[i : i + 100]})
+        yield run
+
+
+def _current_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def run_info(run: Any, stage: str, params: dict[str, Any], inputs: dict[str, str], extra: dict | None = None) -> dict:
+    """What `run_info.json` beside a model holds: resolved params, versions, git, input hashes, MLflow run."""
+    return {
+        "stage": stage,
+        "mlflow_run_id": run.info.run_id,
+        "mlflow_experiment_id": run.info.experiment_id,
+        "tracking_uri": _current_uri(),
+        "params": params,
+        "params_sha256": dict_sha256(params),
+        "input_sha256": inputs,
+        "library_versions": library_versions(),
+        **git_info(),
+        **(extra or {}),
+    }
