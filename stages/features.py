@@ -1,19 +1,22 @@
-"""Stage `features@<source>`: one forward pass of a candidate source over the prepared splits, cached.
+"""Stage `features@<source>`: one forward pass of a candidate source over the prepared splits, cached,
+plus the candidate's cost profile.
 
 Penultimate features (and the source classifier's logits, where it has one) per split, as .npy. Scoring
 and the `linear_probe` strategy read this cache; no stage runs a frozen backbone over the same images
-twice.
+twice. `cost.json` (parameters, FLOPs, training-step memory) is deterministic and goes to the score
+metrics; CPU latency is wall time and goes to `perf/`.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from stages._common import params_or_exit, parser, run_main
 from transferlab.backbones import extract, load_source
+from transferlab.costs import cost_profile
 from transferlab.data import SPLITS, load_prepared
 from transferlab.io import write_json, write_npy
+from transferlab.params import ParamsError
 from transferlab.seeding import seed_everything
 from transferlab.tracking import stage_run
 
@@ -23,13 +26,18 @@ def main() -> None:
     p.add_argument("--source", required=True, help="a key of `sources` in params")
     p.add_argument("--prepared", required=True)
     p.add_argument("--pretrained-dir", default="models/pretrain", help="where pretrain@<name> writes models")
-    p.add_argument("--out", required=True, help="folder for this source's features")
+    p.add_argument("--out", required=True, help="folder for this source's features and cost.json")
+    p.add_argument("--perf", required=True, help="latency JSON (wall time: not a DVC metric)")
     args = p.parse_args()
     params = params_or_exit(args.params)
     if args.source not in params.sources:
-        raise SystemExit(f"--source {args.source}: not a key of `sources` (valid: {sorted(params.sources)})")
+        raise ParamsError(f"--source {args.source}: not a key of `sources` (valid: {sorted(params.sources)})")
     spec = params.sources[args.source]
-    read = {"seed": params.seed, f"sources.{args.source}": spec.model_dump()}
+    read = {
+        "seed": params.seed,
+        f"sources.{args.source}": spec.model_dump(),
+        "score.latency_repeats": params.score.latency_repeats,
+    }
     seed_everything(params.seed, params.train.num_threads)
     data = load_prepared(args.prepared)
     source = load_source(args.source, spec, seed=params.seed, pipeline_dir=args.pretrained_dir)
@@ -37,7 +45,6 @@ def main() -> None:
         import mlflow
 
         out = Path(args.out)
-        t = time.perf_counter()
         for split in SPLITS:
             feats, logits = extract(
                 source.model, data.images[split], source.mean, source.std, with_logits=source.has_classifier
@@ -45,7 +52,11 @@ def main() -> None:
             write_npy(out / f"{split}_features.npy", feats)
             if logits is not None:
                 write_npy(out / f"{split}_logits.npy", logits)
-        seconds = time.perf_counter() - t
+        size = int(data.images["train"].shape[1])
+        cost, timed = cost_profile(source.model, size, latency_repeats=params.score.latency_repeats)
+        cost["feature_dim"] = int(feats.shape[1])
+        write_json(out / "cost.json", cost)
+        write_json(args.perf, timed)
         write_json(
             out / "source.json",
             {
@@ -56,10 +67,9 @@ def main() -> None:
                 "mean": source.mean,
                 "std": source.std,
                 "has_classifier": source.has_classifier,
-                "feature_dim": int(feats.shape[1]),
             },
         )
-        mlflow.log_metric("features_seconds", seconds)
+        mlflow.log_metrics({**{k: float(v) for k, v in cost.items()}, **timed})
 
 
 if __name__ == "__main__":

@@ -16,23 +16,20 @@ from stages._common import params_or_exit, parser, run_main
 from transferlab.backbones import load_source
 from transferlab.data import load_prepared
 from transferlab.io import path_sha256, read_json, write_json, write_text
+from transferlab.params import SourceSpec
 from transferlab.seeding import seed_everything
 from transferlab.strategies import get_strategy, strategy_config
 from transferlab.tracking import run_info, stage_run
 from transferlab.training import train_strategy
 
 
-def resolve_source(params, cfg, selection: str | None) -> str:
-    """The source this strategy trains from: its own `source`, else `train.source`; 'auto' means the
-    score stage's selection."""
-    name = cfg.source or params.train.source
-    if name == "auto":
-        if not selection or not Path(selection).is_file():
-            raise SystemExit("source: auto needs the score stage's selection (--selection metrics/score.json)")
-        name = read_json(selection)["selected"]
-    if name not in params.sources:
-        raise SystemExit(f"source '{name}' is not a key of `sources` (valid: {sorted(params.sources)})")
-    return name
+def resolve_source(selection: str) -> tuple[str, SourceSpec]:
+    """The source every strategy trains from, as the score stage resolved `train.source` (a fixed name,
+    or 'auto': the top-ranked candidate within budgets)."""
+    if not Path(selection).is_file():
+        raise SystemExit(f"{selection} not found: run `dvc repro score` first")
+    sel = read_json(selection)
+    return sel["selected"], SourceSpec.model_validate(sel["spec"])
 
 
 def main() -> None:
@@ -41,7 +38,7 @@ def main() -> None:
     p.add_argument("--prepared", required=True)
     p.add_argument("--features", required=True, help="folder holding features/<source>/ caches")
     p.add_argument("--pretrained-dir", default="models/pretrain")
-    p.add_argument("--selection", default=None, help="score stage output, for source: auto")
+    p.add_argument("--selection", required=True, help="the score stage's data/selection.json")
     p.add_argument("--out", required=True, help="model folder")
     p.add_argument("--metrics", required=True)
     p.add_argument("--history", required=True, help="per-epoch CSV for dvc plots")
@@ -53,8 +50,7 @@ def main() -> None:
         raise SystemExit(f"--strategy {name}: not a key of `strategies` (valid: {sorted(params.strategies)})")
     cfg = strategy_config(name, params.strategies[name])
     strategy = get_strategy(cfg.kind)
-    source_name = resolve_source(params, cfg, args.selection)
-    spec = params.sources[source_name]
+    source_name, spec = resolve_source(args.selection)
     tp = params.train
     epochs = cfg.epochs or tp.epochs
     read = {
@@ -107,6 +103,7 @@ def main() -> None:
             "mean": list(source.mean),
             "std": list(source.std),
             "pretrained": strategy.pretrained,
+            "source_spec": spec.model_dump(),
         }
         if source.weights.startswith("pipeline:"):
             import torch

@@ -81,7 +81,9 @@ def test_random_init_is_seeded_and_has_no_classifier():
     a = load_source("r", SourceSpec(kind="random_init", arch="test_efficientnet"), seed=4)
     b = load_source("r", SourceSpec(kind="random_init", arch="test_efficientnet"), seed=4)
     assert not a.has_classifier
-    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values(), strict=True)
+    )
 
 
 def test_unknown_architecture_is_a_clear_error():
@@ -91,8 +93,9 @@ def test_unknown_architecture_is_a_clear_error():
 
 def test_extract_features_and_logits_shapes(tiny_source):
     images = np.zeros((5, 32, 32, 3), np.uint8)
-    feats, logits = extract(tiny_source.model, images, tiny_source.mean, tiny_source.std, batch_size=2,
-                            with_logits=False)  # fmt: skip
+    feats, logits = extract(
+        tiny_source.model, images, tiny_source.mean, tiny_source.std, batch_size=2, with_logits=False
+    )
     assert feats.shape == (5, tiny_source.model.num_features) and logits is None and np.isfinite(feats).all()
 
 

@@ -29,8 +29,9 @@ def _folder(root, classes: dict[str, int], size=20, seed=0):
 
 
 def _params(path, **kw):
-    base = dict(dataset="imagefolder", path=str(path), image_size=16, train_per_class=4, val_per_class=2,
-                test_per_class=2)  # fmt: skip
+    base = dict(
+        dataset="imagefolder", path=str(path), image_size=16, train_per_class=4, val_per_class=2, test_per_class=2
+    )
     return DataParams(**{**base, **kw})
 
 
@@ -120,8 +121,9 @@ def test_fashion_mnist_from_idx_files_uses_the_official_test_split(tmp_path):
     _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", y_tr)
     _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", x_te)
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", y_te)
-    params = DataParams(dataset="fashion_mnist", path=str(tmp_path), image_size=16, train_per_class=3,
-                        val_per_class=2, test_per_class=3)  # fmt: skip
+    params = DataParams(
+        dataset="fashion_mnist", path=str(tmp_path), image_size=16, train_per_class=3, val_per_class=2, test_per_class=3
+    )
     raw = load_dataset(params)
     assert len(raw.labels) == 90 and raw.class_names[-1] == "ankle_boot"
     splits, _ = prepare_splits(raw, params, seed=0)

@@ -50,7 +50,13 @@ def test_compare_flags_better_worse_and_inconclusive():
 
 
 def test_raw_pixel_baseline_learns_separable_images(tiny_data):
-    proba = raw_pixel_logreg(tiny_data["images"]["train"], tiny_data["labels"]["train"], tiny_data["images"]["test"],
-                             C=1.0, max_iter=200, seed=0)  # fmt: skip
+    proba = raw_pixel_logreg(
+        tiny_data["images"]["train"],
+        tiny_data["labels"]["train"],
+        tiny_data["images"]["test"],
+        C=1.0,
+        max_iter=200,
+        seed=0,
+    )
     assert proba.shape == (18, 3)
     assert (proba.argmax(1) == tiny_data["labels"]["test"]).mean() > 0.9

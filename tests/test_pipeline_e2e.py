@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
+import torch
 import yaml
 from PIL import Image
 
@@ -45,11 +47,30 @@ def repo(tmp_path_factory) -> Path:
             img[c * 8 : c * 8 + 8] = 230
             Image.fromarray(img).save(repo / "images" / name / f"{i}.png")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(dataset="imagefolder", path="images", image_size=32, train_per_class=6, val_per_class=3,
-                          test_per_class=5)  # fmt: skip
-    params["train"].update(epochs=1, batch_size=8)
-    params["strategies"] = {"scratch": {"lr": 0.003}, "linear_probe": {"epochs": 3}, "lora": {"rank": 2}}
+    params["data"].update(
+        dataset="imagefolder", path="images", image_size=32, train_per_class=6, val_per_class=3, test_per_class=5
+    )
+    params["train"].update(epochs=1, batch_size=8, source="auto")
+    params["strategies"] = {
+        "scratch": {"lr": 0.003},
+        "linear_probe": {"epochs": 3},
+        "finetune_top": {"k": 1},
+        "lora": {"rank": 2},
+    }
+    # Three candidates: real ImageNet weights, timm's hub code path reading a local file, a random control.
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), repo / "test_resnet.pth")
+    params["sources"] = {
+        "efficientnet_lite0": {"kind": "packaged"},
+        "local_resnet": {"kind": "timm", "arch": "test_resnet", "path": "test_resnet.pth"},
+        "random_init": {"kind": "random_init", "arch": "test_efficientnet"},
+    }
+    params["pretrain"] = {}
+    params["score"]["latency_repeats"] = 2
+    params["agreement"].update(probe_epochs=3, finetune_epochs=1, n_bootstrap=100)
     params["compare"]["n_bootstrap"] = 200
+    params["diagnose"].update(forgetting_source=None, probe_images=24, mmd_permutations=50, remedy_epochs=1,
+                              n_bootstrap=200)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _sh("git", "init", "-q", cwd=repo)
     _sh(sys.executable, "-m", "dvc", "init", "-q", cwd=repo)
@@ -60,7 +81,7 @@ def repo(tmp_path_factory) -> Path:
 
 def test_repro_writes_every_output(repo):
     summary = json.loads((repo / "metrics/summary.json").read_text())
-    assert set(summary["strategies"]) == {"scratch", "linear_probe", "lora", "raw_pixel_logreg"}
+    assert set(summary["strategies"]) == {"scratch", "linear_probe", "finetune_top", "lora", "raw_pixel_logreg"}
     gain = summary["strategies"]["lora"]["gain_vs_scratch"]["accuracy"]
     assert gain["ci_low"] <= gain["gain"] <= gain["ci_high"]
     assert (repo / "models/lora/adapter/adapter_model.safetensors").is_file()
@@ -71,6 +92,18 @@ def test_repro_writes_every_output(repo):
     assert data["train_samples"] == 18 and data["num_classes"] == 3
     history = (repo / "plots/history/scratch.csv").read_text().splitlines()
     assert history[0] == "epoch,train_loss,train_accuracy,val_loss,val_accuracy"
+    score = json.loads((repo / "metrics/score.json").read_text())
+    assert set(score["candidates"]) == {"efficientnet_lite0", "local_resnet", "random_init"}
+    assert score["selected"] != "random_init" and score["train_source"] == score["selected"]
+    assert all(score["candidates"][c]["logme"] is not None for c in score["candidates"])
+    assert json.loads((repo / "data/selection.json").read_text())["selected"] == score["selected"]
+    agreement = json.loads((repo / "metrics/agreement.json").read_text())
+    assert set(agreement["recipes"]) == {"linear_probe", "short_finetune"}
+    assert (repo / "plots/agreement.png").is_file()
+    diagnosis = json.loads((repo / "metrics/diagnosis.json").read_text())
+    kinds = {f["type"] for f in diagnosis["findings"]}
+    assert {"negative_transfer", "overfitting", "domain_shift", "catastrophic_forgetting"} <= kinds
+    assert "<table>" in (repo / "reports/report.html").read_text()
 
 
 def test_second_repro_does_nothing(repo):
@@ -89,8 +122,8 @@ def test_changing_lora_rank_invalidates_only_the_lora_branch(repo):
         status = json.loads(_sh(sys.executable, "-m", "dvc", "status", "--json", cwd=repo))
     finally:
         params_path.write_text(original)
-    # compare reads the list of strategies, so it is listed too; no other strategy's branch is.
-    assert set(status) == {"train@lora", "compare"}
+    # compare and diagnose read the list of strategies, so they are listed too; no other strategy is.
+    assert set(status) == {"train@lora", "compare", "diagnose"}
 
 
 def test_mlflow_holds_one_finished_run_per_stage(repo):
@@ -99,4 +132,4 @@ def test_mlflow_holds_one_finished_run_per_stage(repo):
     db = sqlite3.connect(repo / "mlflow.db")
     rows = db.execute("select r.name, r.status from runs r").fetchall()
     names = {n for n, s in rows if s == "FINISHED"}
-    assert {"prepare", "train@lora", "evaluate@lora", "baseline", "compare"} <= names
+    assert {"prepare", "score", "agreement", "train@lora", "evaluate@lora", "baseline", "compare", "diagnose"} <= names

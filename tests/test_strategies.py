@@ -21,13 +21,28 @@ def _train(name, tiny_source, tiny_data, seed=0, **overrides):
     features = None
     if strategy.uses_features:
         features = {
-            s: extract(tiny_source.model, tiny_data["images"][s], tiny_source.mean, tiny_source.std, with_logits=False)[0]
+            s: extract(tiny_source.model, tiny_data["images"][s], tiny_source.mean, tiny_source.std, with_logits=False)[
+                0
+            ]
             for s in ("train", "val")
         }
     result = train_strategy(
-        strategy, cfg, tiny_source, tiny_data["images"], tiny_data["labels"], 3, epochs=cfg.epochs, batch_size=8,
-        patience=1, weight_decay=0.0, augment="crop_flip", seed=seed, generator=gen, features=features, label=name,
-    )  # fmt: skip
+        strategy,
+        cfg,
+        tiny_source,
+        tiny_data["images"],
+        tiny_data["labels"],
+        3,
+        epochs=cfg.epochs,
+        batch_size=8,
+        patience=1,
+        weight_decay=0.0,
+        augment="crop_flip",
+        seed=seed,
+        generator=gen,
+        features=features,
+        label=name,
+    )
     return strategy, cfg, result
 
 
@@ -119,10 +134,22 @@ def test_diverging_loss_is_a_clear_error(tiny_source, tiny_data):
     bad = np.full((24, tiny_source.model.num_features), np.inf, np.float32)
     with pytest.raises(DivergenceError, match="Lower strategies.linear_probe.lr"):
         train_strategy(
-            get_strategy("linear_probe"), cfg, tiny_source, tiny_data["images"], tiny_data["labels"], 3, epochs=1,
-            batch_size=8, patience=1, weight_decay=0.0, augment="none", seed=0, generator=seed_everything(0),
-            features={"train": bad, "val": bad[:12]}, label="linear_probe",
-        )  # fmt: skip
+            get_strategy("linear_probe"),
+            cfg,
+            tiny_source,
+            tiny_data["images"],
+            tiny_data["labels"],
+            3,
+            epochs=1,
+            batch_size=8,
+            patience=1,
+            weight_decay=0.0,
+            augment="none",
+            seed=0,
+            generator=seed_everything(0),
+            features={"train": bad, "val": bad[:12]},
+            label="linear_probe",
+        )
 
 
 def test_lora_adapter_is_small_and_holds_the_head(tiny_source, tiny_data, tmp_path):

@@ -76,6 +76,51 @@ class SourceSpec(Section):
         return self
 
 
+class ScoreParams(Section):
+    """How candidates are ranked and which one `train.source: auto` gets."""
+
+    select_by: str = Field("logme", description="the estimator that ranks candidates")
+    estimators: list[str] = Field(
+        ["logme", "leep", "nce", "hscore", "hscore_shrinkage", "knn_accuracy", "linear_probe_accuracy"],
+        description="estimators to compute (transferlab.transferability.ESTIMATORS)",
+    )
+    max_params: int | None = Field(None, ge=1, description="budget: candidates with more parameters are not selected")
+    max_latency_ms: float | None = Field(None, gt=0, description="budget: CPU ms per image at batch 1")
+    latency_repeats: int = Field(10, ge=1, description="timed forward passes per batch size")
+
+    @field_validator("select_by")
+    @classmethod
+    def _known_select_by(cls, value: str) -> str:
+        from transferlab.transferability import ESTIMATORS
+
+        if value not in ESTIMATORS:
+            raise ValueError(f"unknown estimator '{value}' (valid: {sorted(ESTIMATORS)})")
+        return value
+
+    @field_validator("estimators")
+    @classmethod
+    def _known_estimators(cls, value: list[str]) -> list[str]:
+        from transferlab.transferability import ESTIMATORS
+
+        bad = [v for v in value if v not in ESTIMATORS]
+        if bad:
+            raise ValueError(f"unknown estimator(s) {bad} (valid: {sorted(ESTIMATORS)})")
+        return value
+
+
+class AgreementParams(Section):
+    """Closing the loop: the cheap fixed recipes every candidate is trained with to check the ranking."""
+
+    probe_epochs: int = Field(30, ge=1, description="linear probe epochs on the cached features")
+    probe_lr: float = Field(3e-3, gt=0)
+    # Top block + head only: a real fine-tune at a fraction of the cost of a full one.
+    finetune: dict[str, Any] = Field(
+        {"kind": "finetune_top", "k": 1, "lr": 0.001}, description="a strategy entry, as under `strategies`"
+    )
+    finetune_epochs: int = Field(2, ge=0, description="0 skips the short fine-tune recipe")
+    n_bootstrap: int = Field(1000, ge=100)
+
+
 class TrainParams(Section):
     source: str = Field("efficientnet_lite0", description="a key of `sources`, or 'auto' (the score stage's pick)")
     batch_size: int = Field(32, ge=1)
@@ -106,15 +151,56 @@ class CompareParams(Section):
     baseline: str = Field("scratch", description="the strategy every other is compared against")
 
 
+class DiagnoseParams(Section):
+    """Thresholds and budgets of the diagnosis; every threshold is written beside its evidence."""
+
+    probe_images: int = Field(256, ge=16, description="target images used for CKA, BN gaps, MMD, forgetting probes")
+    overfit_gap_threshold: float = Field(0.15, ge=0, le=1, description="train-val accuracy gap that flags over-fitting")
+    proxy_agreement_threshold: float = Field(
+        0.5, ge=0, le=1, description="flag forgetting when the source head agrees with itself on fewer probe images"
+    )
+    pad_threshold: float = Field(
+        1.0, ge=0, le=2, description="proxy A-distance above which (and MMD p<0.05) flags shift"
+    )
+    mmd_permutations: int = Field(200, ge=20)
+    forgetting_source: str | None = Field(
+        "mnist_cnn", description="a `pipeline` source: exact forgetting and the lr sweep run on it (null: skip)"
+    )
+    forgetting_drop_threshold: float = Field(
+        0.1, ge=0, le=1, description="source-task accuracy drop that flags forgetting"
+    )
+    # Four decades around the usual fine-tuning rates; 0.1 is there to show what wrecking the source looks like.
+    lr_sweep: list[float] = Field([1e-4, 1e-2, 1e-1], description="rates of the sweep, plus finetune_full's own")
+    sweep_epochs: int = Field(1, ge=1)
+    lr_spread_threshold: float = Field(
+        0.1, ge=0, le=1, description="target-accuracy spread over the sweep that flags it"
+    )
+    l2sp_alpha: float = Field(1.0, gt=0, description="L2-SP strength of the forgetting remedy")
+    remedy_epochs: int = Field(8, ge=1, description="epochs of the AdaBN remedy's head")
+    n_bootstrap: int = Field(1000, ge=100)
+
+    @field_validator("lr_sweep")
+    @classmethod
+    def _positive_rates(cls, value: list[float]) -> list[float]:
+        if not value or any(v <= 0 for v in value):
+            raise ValueError(f"must be a non-empty list of positive learning rates (got {value})")
+        return value
+
+
 class Params(Section):
     seed: int = Field(42, ge=0)
     tracking: TrackingParams = TrackingParams()
     data: DataParams = DataParams()
     sources: dict[str, SourceSpec]
+    # In-pipeline source models (`pretrain@<name>`), validated by transferlab.pretraining.PretrainSpec.
+    pretrain: dict[str, dict[str, Any]] = {}
+    score: ScoreParams = ScoreParams()
+    agreement: AgreementParams = AgreementParams()
     train: TrainParams = TrainParams()
     strategies: dict[str, dict[str, Any]]
     evaluate: EvaluateParams = EvaluateParams()
     baseline: BaselineParams = BaselineParams()
+    diagnose: DiagnoseParams = DiagnoseParams()
     compare: CompareParams = CompareParams()
 
     @field_validator("sources", "strategies")
@@ -136,9 +222,27 @@ class Params(Section):
                 f"compare.baseline: '{self.compare.baseline}' is not listed under `strategies` "
                 f"(listed: {sorted(self.strategies)})"
             )
+        from transferlab.pretraining import PretrainSpec
+
+        for name, raw in self.pretrain.items():
+            try:
+                PretrainSpec.model_validate(raw)
+            except ValidationError as exc:
+                bad = "; ".join(f"pretrain.{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                raise ValueError(bad) from None
+        for name, spec in self.sources.items():
+            if spec.kind == "pipeline" and name not in self.pretrain:
+                raise ValueError(f"sources.{name}: kind 'pipeline' needs a `pretrain.{name}` entry that trains it")
+        fs = self.diagnose.forgetting_source
+        if fs is not None and (fs not in self.sources or self.sources[fs].kind != "pipeline"):
+            raise ValueError(
+                f"diagnose.forgetting_source: '{fs}' must be a `pipeline` source listed under `sources` "
+                f"(pipeline sources: {sorted(n for n, s in self.sources.items() if s.kind == 'pipeline')}), or null"
+            )
         # Resolve each strategy's own config now, so a typo inside one fails before any stage runs.
         from transferlab.strategies import strategy_config
 
+        strategy_config("agreement.finetune", self.agreement.finetune)
         for name, raw in self.strategies.items():
             strategy_config(name, raw)
         return self

@@ -58,3 +58,31 @@ def gain_png(rows: list[dict], title: str, path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def agreement_png(frame, path: str | Path) -> Path:
+    """One panel per estimator: estimate (x) against achieved test accuracy (y), one point per candidate,
+    one marker per recipe."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    estimators = sorted(frame["estimator"].unique())
+    cols = min(4, len(estimators))
+    rows = -(-len(estimators) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    markers = {"linear_probe": "o", "short_finetune": "s"}
+    for ax, est in zip(axes.flat, estimators, strict=False):
+        sub = frame[(frame["estimator"] == est) & frame["estimate"].notna()]
+        for recipe, g in sub.groupby("recipe"):
+            ax.scatter(g["estimate"], g["test_accuracy"], marker=markers.get(recipe, "x"), label=recipe)
+            for _, r in g.iterrows():
+                ax.annotate(r["candidate"], (r["estimate"], r["test_accuracy"]), fontsize=6)
+        ax.set_title(est, fontsize=9)
+        ax.set_xlabel("estimate", fontsize=8)
+        ax.set_ylabel("test accuracy", fontsize=8)
+    for ax in list(axes.flat)[len(estimators) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

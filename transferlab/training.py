@@ -111,6 +111,7 @@ def fit(
     result = TrainResult(model=model)
     best_state, best_acc, since_best = None, -1.0, 0
     start = time.perf_counter()
+    strategy.before_training(model, cfg, train_inputs, n)
     bar = tqdm(range(1, epochs + 1), desc=f"train {label}", disable=None, leave=False)
     for epoch in bar:
         strategy.on_epoch_start(model, epoch, cfg, optimizer)
@@ -121,6 +122,9 @@ def fit(
             idx = order[step * batch_size : (step + 1) * batch_size]
             logits = model(train_inputs(idx, True))
             loss = F.cross_entropy(logits, y_train[idx])
+            extra = strategy.penalty(model, cfg)
+            if extra is not None:
+                loss = loss + extra
             if not torch.isfinite(loss):
                 lrs = [g["lr"] for g in optimizer.param_groups]
                 raise DivergenceError(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from sklearn.covariance import LedoitWolf
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import RidgeClassifierCV
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -495,7 +495,12 @@ def knn_accuracy(features: np.ndarray, labels: np.ndarray, *, seed: int, k: int 
     "Better? CVPR 2019)",
 )
 def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, *, seed: int, n_splits: int = 5) -> float:
-    """Stratified k-fold cross-validated accuracy of logistic regression on standardized features.
+    """Stratified k-fold cross-validated accuracy of a linear probe on standardized features.
+
+    The probe is a ridge (least-squares) classifier whose L2 strength is picked by efficient leave-one-out
+    inside each training fold (``RidgeClassifierCV``): the same linear decision rule family as logistic
+    regression, in closed form, so scoring a 1,280-d candidate takes seconds instead of the minutes lbfgs
+    needs on 1,000 x 1,280 features.
 
     Uses ``min(n_splits, smallest class size)`` folds, but at least 2; the scaler is fitted inside each
     fold. A training fold that happens to contain a single class predicts that class. The accuracy is
@@ -529,7 +534,7 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, *, seed: int
         if train_classes.size < 2:
             pred[test] = train_classes[0]
             continue
-        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed))
+        model = make_pipeline(StandardScaler(), RidgeClassifierCV(alphas=np.logspace(-1, 4, 11)))
         model.fit(f[train], y[train])
         pred[test] = model.predict(f[test])
     return float(np.mean(pred == y))

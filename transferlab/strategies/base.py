@@ -23,7 +23,6 @@ class StrategyConfig(BaseModel):
     kind: str = Field(description="registered strategy name")
     lr: float = Field(1e-3, gt=0, le=10, description="learning rate of the newly initialised head")
     epochs: int | None = Field(None, ge=1, description="overrides train.epochs for this strategy")
-    source: str | None = Field(None, description="overrides train.source for this strategy")
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
@@ -61,6 +60,14 @@ class Strategy:
 
     def param_groups(self, model: nn.Module, cfg: StrategyConfig) -> list[dict]:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
+
+    def before_training(self, model: nn.Module, cfg: StrategyConfig, train_inputs: Callable, n_train: int) -> None:
+        """Hook run once before the first epoch (AdaBN re-estimates BatchNorm statistics here).
+        `train_inputs(indices, augment)` builds a normalised input batch."""
+
+    def penalty(self, model: nn.Module, cfg: StrategyConfig) -> torch.Tensor | None:
+        """Extra loss term added to the cross-entropy at every step (L2-SP's pull towards the source)."""
+        return None
 
     def on_epoch_start(
         self, model: nn.Module, epoch: int, cfg: StrategyConfig, optimizer: torch.optim.Optimizer

@@ -1,0 +1,59 @@
+"""Stage `pretrain`: train the in-pipeline source models (params `pretrain`) on their known source tasks.
+
+Writes models/pretrain/<name>/ (model.pt, the held-out source test split, run_info.json) for each entry,
+and models/pretrain/index.json listing them, so the folder exists even when no entry does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from pydantic import ValidationError
+
+from stages._common import params_or_exit, parser, run_main
+from transferlab.io import write_json, write_text
+from transferlab.params import ParamsError
+from transferlab.pretraining import PretrainSpec, pretrain, save_pretrained
+from transferlab.seeding import seed_everything
+from transferlab.tracking import run_info, stage_run
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--out", required=True, help="folder; one sub-folder per pretrain entry")
+    p.add_argument("--metrics", required=True)
+    p.add_argument("--history", required=True, help="folder of per-epoch CSVs")
+    args = p.parse_args()
+    params = params_or_exit(args.params)
+    specs = {}
+    for name, raw in sorted(params.pretrain.items()):
+        try:
+            specs[name] = PretrainSpec.model_validate(raw)
+        except ValidationError as exc:
+            raise ParamsError(f"pretrain.{name}: {exc}") from None
+    out, metrics = Path(args.out), {}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, spec in specs.items():
+        read = {"seed": params.seed, f"pretrain.{name}": spec.model_dump()}
+        gen = seed_everything(params.seed, params.train.num_threads)
+        with stage_run(params.tracking, f"pretrain@{name}", read, tags={"source": name}) as run:
+            import mlflow
+
+            result, source_test, m = pretrain(spec, params.seed, gen, label=name)
+            save_pretrained(out / name, result, spec, source_test)
+            write_text(
+                Path(args.history) / f"{name}.csv",
+                pd.DataFrame(result.history).to_csv(index=False, lineterminator="\n"),
+            )
+            write_json(out / name / "run_info.json", run_info(run, f"pretrain@{name}", read, {}))
+            mlflow.log_metrics({k: float(v) for k, v in m.items()})
+            mlflow.log_metric("train_seconds", result.train_seconds)
+            metrics[name] = m
+    write_json(out / "index.json", {"sources": sorted(specs)})
+    write_json(args.metrics, metrics)
+    Path(args.history).mkdir(parents=True, exist_ok=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
