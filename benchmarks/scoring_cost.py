@@ -36,23 +36,29 @@ def main() -> None:
     data = load_prepared(args.prepared)
     names = args.sources.split(",") if args.sources else sorted(params.sources)
     epochs = params.train.epochs
-    print(f"threads={torch.get_num_threads()} train={len(data.labels['train'])} images "
-          f"size={data.images['train'].shape[1]} epochs={epochs}")
-    print(f"{'candidate':20s} {'features_s':>10s} {'estimators_s':>12s} {'epoch_s':>8s} {'finetune_s':>10s} {'ratio':>7s}")
+    print(
+        f"threads={torch.get_num_threads()} train={len(data.labels['train'])} images "
+        f"size={data.images['train'].shape[1]} epochs={epochs}"
+    )
+    print(
+        f"{'candidate':20s} {'features_s':>10s} {'estimators_s':>12s} {'epoch_s':>8s} {'finetune_s':>10s} {'ratio':>7s}"
+    )
     total_score = total_ft = 0.0
     for name in names:
         source = load_source(name, params.sources[name], seed=params.seed)
         t = time.perf_counter()
         feats = {}
         for split in SPLITS:
-            feats[split], logits = extract(source.model, data.images[split], source.mean, source.std,
-                                           with_logits=source.has_classifier)
+            feats[split], logits = extract(
+                source.model, data.images[split], source.mean, source.std, with_logits=source.has_classifier
+            )
             if split == "train":
                 train_logits = logits
         t_feat = time.perf_counter() - t
         t = time.perf_counter()
-        score_all(feats["train"], data.labels["train"], train_logits, seed=params.seed,
-                  names=list(params.score.estimators))
+        score_all(
+            feats["train"], data.labels["train"], train_logits, seed=params.seed, names=list(params.score.estimators)
+        )
         t_est = time.perf_counter() - t
         # One epoch of full fine-tuning, exactly as train@finetune_full runs it.
         cfg = strategy_config("finetune_full", params.strategies.get("finetune_full", {}))
@@ -76,8 +82,10 @@ def main() -> None:
         total_score += t_feat + t_est
         total_ft += t_ft
         print(f"{name:20s} {t_feat:10.1f} {t_est:12.1f} {t_epoch:8.1f} {t_ft:10.1f} {(t_feat + t_est) / t_ft:7.1%}")
-    print(f"{'all candidates':20s} scoring {total_score:.1f} s vs fine-tuning {total_ft:.1f} s "
-          f"(= {epochs} x one measured epoch each): ratio {total_score / total_ft:.1%}")
+    print(
+        f"{'all candidates':20s} scoring {total_score:.1f} s vs fine-tuning {total_ft:.1f} s "
+        f"(= {epochs} x one measured epoch each): ratio {total_score / total_ft:.1%}"
+    )
 
 
 if __name__ == "__main__":

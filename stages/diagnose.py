@@ -87,7 +87,9 @@ def main() -> None:  # noqa: C901 - one finding type after another, in the order
 
         # 1. Negative transfer: every strategy, and every candidate source under the agreement recipes.
         refs = {"scratch": strat_preds[params.compare.baseline], "raw_pixel_logreg": raw_preds}
-        candidates = {c: agree[c].to_numpy() for c in agree.columns if ":" in c}
+        # Sources are compared under the linear probe: the same cheap head for each, so the features decide.
+        # (The 1-epoch fine-tune recipe only ranks sources; it is not meant to beat anything.)
+        candidates = {c: agree[c].to_numpy() for c in agree.columns if c.startswith("linear_probe:")}
         models = {n: v for n, v in strat_preds.items() if n != params.compare.baseline} | candidates
         for f in dx.negative_transfer(y, models, refs, n_bootstrap=nb, seed=seed):
             if f["flagged"]:

@@ -69,8 +69,9 @@ def repo(tmp_path_factory) -> Path:
     params["score"]["latency_repeats"] = 2
     params["agreement"].update(probe_epochs=3, finetune_epochs=1, n_bootstrap=100)
     params["compare"]["n_bootstrap"] = 200
-    params["diagnose"].update(forgetting_source=None, probe_images=24, mmd_permutations=50, remedy_epochs=1,
-                              n_bootstrap=200)
+    params["diagnose"].update(
+        forgetting_source=None, probe_images=24, mmd_permutations=50, remedy_epochs=1, n_bootstrap=200
+    )
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _sh("git", "init", "-q", cwd=repo)
     _sh(sys.executable, "-m", "dvc", "init", "-q", cwd=repo)

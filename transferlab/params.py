@@ -42,8 +42,8 @@ class DataParams(Section):
         "imagefolder: folder of class sub-folders (required)",
     )
     allow_download: bool = Field(False, description="fashion_mnist only: let torchvision download it")
-    # 64 px keeps a 2-core CPU run under 15 minutes; ImageNet sources do better at 224 if you can afford it.
-    image_size: int = Field(64, ge=16, le=1024, description="square side in pixels after resizing")
+    # 48 px keeps the default 2-core CPU run under 15 minutes; ImageNet sources do better at 224 if affordable.
+    image_size: int = Field(48, ge=16, le=1024, description="square side in pixels after resizing")
     # The low-data regime is where transfer matters and where it can be measured cheaply.
     train_per_class: int = Field(100, ge=1)
     val_per_class: int = Field(30, ge=1)
@@ -133,6 +133,22 @@ class TrainParams(Section):
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")
 
 
+class TuneParams(Section):
+    """The optional `tune@<strategy>` stages: an Optuna search over one strategy's hyperparameters."""
+
+    strategies: list[str] = Field([], description="keys of `strategies` that get a tune@ stage (none: no tuning)")
+    n_trials: int = Field(8, ge=1, description="trials per tuned strategy, run one after the other")
+    epochs: int = Field(3, ge=1, description="training epochs per trial (a search space entry `epochs` wins)")
+    # Not MLflow's database: Optuna and MLflow both keep an `alembic_version` table in their SQLite file.
+    storage: str = Field("sqlite:///optuna.db", description="Optuna storage URL (studies: tune@<strategy>)")
+    pruning: bool = Field(True, description="median pruning of trials that trail earlier ones at the same epoch")
+    space: dict[str, dict[str, dict[str, Any]]] = Field(
+        {},
+        description="per strategy name, its search space: {hyperparameter: {low, high[, log, step]} | "
+        "{choices: [...]}}; int range when low and high are ints (transferlab.tuning.SearchSpace)",
+    )
+
+
 class EvaluateParams(Section):
     latency_images: int = Field(64, ge=1, description="images timed for CPU latency per image")
 
@@ -198,6 +214,7 @@ class Params(Section):
     agreement: AgreementParams = AgreementParams()
     train: TrainParams = TrainParams()
     strategies: dict[str, dict[str, Any]]
+    tune: TuneParams = TuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     baseline: BaselineParams = BaselineParams()
     diagnose: DiagnoseParams = DiagnoseParams()
@@ -247,6 +264,23 @@ class Params(Section):
             strategy_config(name, raw)
         return self
 
+    @model_validator(mode="after")
+    def _tune_checks(self) -> Params:
+        missing = [n for n in self.tune.strategies if n not in self.strategies]
+        if missing:
+            raise ValueError(
+                f"tune.strategies: {missing} not key(s) of `strategies` (valid: {sorted(self.strategies)})"
+            )
+        if self.tune.storage == self.tracking.uri:
+            raise ValueError(
+                f"tune.storage: '{self.tune.storage}' is MLflow's database (tracking.uri); use another file, "
+                "e.g. sqlite:///optuna.db (both keep an alembic_version table)"
+            )
+        from transferlab.tuning import check_tune_spaces
+
+        check_tune_spaces(self.tune.strategies, self.tune.space, self.strategies)
+        return self
+
 
 def _describe(err: dict[str, Any], model: type[BaseModel] | None) -> str:
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -256,6 +290,8 @@ def _describe(err: dict[str, Any], model: type[BaseModel] | None) -> str:
         close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         return f"{loc}: unknown key.{hint} Valid keys here: {valid}"
+    if not err["loc"]:  # a cross-check over several sections: its message names the keys itself
+        return msg.removeprefix("Value error, ")
     return f"{loc}: {msg} (got {err.get('input')!r})"
 
 

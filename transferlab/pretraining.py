@@ -24,14 +24,14 @@ class PretrainSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     dataset: str = Field("mnist_digits", description="a dataset loader name (see transferlab.data.LOADERS)")
     path: str | None = Field(None, description="dataset folder, for loaders that need one")
-    # MobileNetV3-small (1.5M weights): trains in about a minute on 32 px digits on a 2-core CPU. (The 0.5
-    # width variant is *slower* on CPU: its channel counts miss the fast convolution kernels.)
-    arch: str = Field("mobilenetv3_small_100", description="timm architecture, trained from random init")
+    # ResNet-10-T reached 96% on held-out digits after 2 epochs of 2,000 images (about a minute on 2 cores);
+    # MobileNetV3-small reached 39% with the same budget: depthwise nets train slowly from scratch.
+    arch: str = Field("resnet10t", description="timm architecture, trained from random init")
     # Digits need no more than 32 px; the network is fully convolutional, so it runs at the target size too.
     image_size: int = Field(32, ge=16, le=512, description="pre-training image size (source task)")
-    train_per_class: int = Field(400, ge=1)
+    train_per_class: int = Field(200, ge=1)
     test_per_class: int = Field(100, ge=1, description="held-out source-task test set (kept for forgetting checks)")
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(2, ge=1)
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(64, ge=1)
 

@@ -1,0 +1,180 @@
+"""Stage `tune@<strategy>` (optional): an Optuna search over one strategy's hyperparameters.
+
+Every trial trains the strategy from a fresh copy of the selected source on the train split, for
+`tune.epochs` epochs, and scores it by its best validation accuracy: the test split is not even loaded, so
+`evaluate@` of the tuned recipe stays honest. Trials run one after the other with a seeded sampler and
+re-seeded training, so the study is reproducible; each is a nested MLflow run under the stage's run.
+
+Writes the best values as a params fragment (`{strategies: {<name>: {...}}}`, the current entry with the
+tuned values merged in) to copy into params.yaml or pass to `dvc exp run --set-param`, and the study's
+summary as a DVC metric.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from stages._common import params_or_exit, parser, run_main
+from stages.train import resolve_source
+from transferlab.backbones import load_source
+from transferlab.data import load_prepared
+from transferlab.io import write_json, write_text
+from transferlab.seeding import seed_everything
+from transferlab.strategies import STRATEGIES, get_strategy, strategy_config
+from transferlab.training import DivergenceError, train_strategy
+from transferlab.tuning import Report, ReportingStrategy, SearchSpace, TuningError, tune, validate_space
+
+
+def _fragment(name: str, entry: dict[str, Any], result: dict[str, Any], n_trials: int) -> str:
+    """The tuned params fragment, with a header saying where it came from and how to use it."""
+    best = result["best_params"]
+    sets = " ".join(f"--set-param strategies.{name}.{k}={v}" for k, v in best.items())
+    header = (
+        f"# Tuned by tune@{name}: best validation accuracy {result['best_value']:.4f} over {n_trials} trials.\n"
+        f"# Copy into params.yaml, or try it: dvc exp run {sets}\n"
+    )
+    body = yaml.safe_dump({"strategies": {name: {**entry, **best}}}, sort_keys=False, default_flow_style=False)
+    return header + body
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--strategy", required=True, help="a key of `strategies` in params")
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--features", required=True, help="folder holding features/<source>/ caches")
+    p.add_argument("--selection", required=True, help="the score stage's data/selection.json")
+    p.add_argument("--pretrained-dir", default="models/pretrain")
+    p.add_argument("--out", required=True, help="tuned params fragment (YAML)")
+    p.add_argument("--metrics", required=True, help="study summary (JSON)")
+    args = p.parse_args()
+    params = params_or_exit(args.params)
+    name = args.strategy
+    if name not in params.strategies:
+        raise SystemExit(
+            f"--strategy {name}: not a key of `strategies` (valid: {sorted(params.strategies)}; "
+            f"registered strategy kinds: {sorted(STRATEGIES)})"
+        )
+    tp, tu = params.train, params.tune
+    entry = dict(params.strategies[name])
+    cfg = strategy_config(name, entry)
+    strategy = get_strategy(cfg.kind)
+    if name not in tu.space:
+        raise SystemExit(f"tune.space.{name}: no search space for '{name}' (spaces: {sorted(tu.space)})")
+    # Every bound and choice is checked against the strategy's config before the first trial trains.
+    try:
+        space = SearchSpace.from_dict(tu.space[name], where=f"tune.space.{name}")
+        validate_space(name, entry, space)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    source_name, spec = resolve_source(args.selection)
+    read = {
+        "seed": params.seed,
+        "train": tp.model_dump(),
+        "tune": {**tu.model_dump(exclude={"space", "strategies"}), "space": tu.space[name]},
+        f"strategies.{name}": entry,
+        f"sources.{source_name}": spec.model_dump(),
+        "resolved": {"source": source_name, "epochs_per_trial": tu.epochs},
+    }
+
+    seed_everything(params.seed, tp.num_threads)
+    data = load_prepared(args.prepared)
+    # Train and validation only: tuning never sees the test split.
+    images = {s: data.images[s] for s in ("train", "val")}
+    labels = {s: data.labels[s] for s in ("train", "val")}
+    source = load_source(source_name, spec, seed=params.seed, pipeline_dir=args.pretrained_dir)
+    features = None
+    if strategy.uses_features:
+        feat_dir = Path(args.features) / source_name
+        if not (feat_dir / "train_features.npy").is_file():
+            raise SystemExit(f"{feat_dir} has no features: run `dvc repro features@{source_name}` first")
+        features = {s: np.load(feat_dir / f"{s}_features.npy") for s in ("train", "val")}
+
+    def objective(config: dict[str, Any], report: Report) -> float:
+        trial_cfg = strategy_config(name, config)
+        if features is not None:
+            wrapped = ReportingStrategy(strategy, report, features["val"], labels["val"])
+        else:
+            wrapped = ReportingStrategy(strategy, report, images["val"], labels["val"], source.mean, source.std)
+        # Re-seeded and from a fresh copy of the source (strategies build on the source network in place),
+        # so a trial's result depends on its hyperparameters only, not on the trials before it.
+        gen = seed_everything(params.seed, tp.num_threads)
+        result = train_strategy(
+            wrapped,
+            trial_cfg,
+            copy.deepcopy(source),
+            images,
+            labels,
+            data.num_classes,
+            epochs=config.get("epochs") if "epochs" in space.names else tu.epochs,
+            batch_size=tp.batch_size,
+            patience=tp.patience,
+            weight_decay=tp.weight_decay,
+            augment=tp.augment,
+            seed=params.seed,
+            generator=gen,
+            features=features,
+            label=f"tune@{name}",
+        )
+        return result.best_val_accuracy
+
+    # A separate SQLite file from MLflow's (tracking.uri): Optuna's RDB storage and MLflow both keep an
+    # `alembic_version` table for their own schema migrations, and would break each other in one database.
+    storage = tu.storage
+    if storage.startswith("sqlite:///"):
+        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+    from transferlab.tracking import stage_run
+
+    with stage_run(
+        params.tracking, f"tune@{name}", read, strategy=name, tags={"source": source_name, "kind": cfg.kind}
+    ) as run:
+        import mlflow
+
+        def log_trial(t: dict[str, Any]) -> None:
+            # The parent's experiment explicitly: a bare nested start_run would use the default experiment.
+            with mlflow.start_run(experiment_id=run.info.experiment_id, nested=True, run_name=f"trial-{t['number']}"):
+                mlflow.set_tags({"stage": f"tune@{name}", "strategy": name, "optuna_state": t["state"]})
+                mlflow.log_params(t["params"])
+                for step, value in sorted(t["intermediate_values"].items()):
+                    mlflow.log_metric("epoch_val_accuracy", value, step=step)
+                if t["value"] is not None:
+                    mlflow.log_metric("val_accuracy", t["value"])
+
+        try:
+            result = tune(
+                objective,
+                space,
+                n_trials=tu.n_trials,
+                seed=params.seed,
+                storage_url=storage,
+                study_name=f"tune@{name}",
+                base_config=entry,
+                pruner=tu.pruning,
+                catch=(DivergenceError,),  # a diverging learning rate is a bad trial, not a failed stage
+                on_trial_end=log_trial,
+            )
+        except TuningError as exc:
+            raise SystemExit(f"tune@{name}: {exc}") from None
+        states = [t["state"] for t in result["trials"]]
+        metrics = {
+            "best_value": round(result["best_value"], 6),
+            "n_trials": len(states),
+            "n_complete": states.count("COMPLETE"),
+            "n_pruned": states.count("PRUNED"),
+            "n_failed": states.count("FAIL"),
+            "best_params": result["best_params"],
+        }
+        write_json(args.metrics, metrics)
+        write_text(args.out, _fragment(name, entry, result, tu.n_trials))
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "best_params"})
+        mlflow.log_params({f"best.{k}": v for k, v in result["best_params"].items()})
+        mlflow.log_artifact(args.out)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,355 @@
+"""Optional hyperparameter tuning of one strategy with Optuna (stage `tune@<strategy>`).
+
+A search space comes from params (`tune.space.<strategy>`): each key is a hyperparameter of the strategy's
+config with a float or int range (`{low, high, log?, step?}`, the type taken from low/high) or a list of
+`choices`. `tune` runs the trials one after the other with a seeded TPE sampler, so the same seed, space and
+objective give the same trials; the study lives in its own Optuna storage (deleted and recreated on every
+run, so a re-run starts clean instead of continuing an older study).
+
+The objective is the validation accuracy: the test split is never seen while tuning, so the evaluation of
+the tuned recipe afterwards stays an honest estimate.
+
+Pruning needs the validation accuracy after every epoch, but `training.fit` takes no callback and keeps its
+history to itself. `ReportingStrategy` wraps the trained strategy instead: `fit` calls its `on_epoch_start`
+at the start of every epoch, when the model holds exactly the weights the previous epoch ended with, and
+the wrapper evaluates them on the validation split itself (one extra validation pass per epoch, the same
+numbers `fit` logged: eval mode, no augmentation, no draw from the training generator, so the training run is
+unchanged) and reports it; `fit` puts the model back in train mode right after through `set_train_mode`.
+The last epoch is not reported (no hook runs after it); its value is the trial's result anyway.
+
+Optuna is imported only by the functions that need it, so parsing and validating params works without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[int, float], None]
+Objective = Callable[[dict[str, Any], Report], float]
+_RANGE_KEYS = {"low", "high", "log", "step"}
+_CHOICE_TYPES = (type(None), bool, int, float, str)
+
+
+class TuningError(RuntimeError):
+    """Tuning produced no usable result (every trial failed or was pruned); the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One dimension of a search space: a float/int range, or categorical choices."""
+
+    name: str
+    kind: str  # "float" | "int" | "categorical"
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] = ()
+
+    def suggest(self, trial: Any) -> Any:
+        """The value an Optuna trial suggests for this hyperparameter."""
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+    def extremes(self) -> list[Any]:
+        """Values that cover the space's bounds: both ends of a range, every choice."""
+        return list(self.choices) if self.kind == "categorical" else [self.low, self.high]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _parse_one(key: str, raw: Any, where: str) -> Hyperparameter:
+    at = f"{where}.{key}" if where else key
+    if not isinstance(raw, dict):
+        raise ValueError(f"{at}: expected a mapping {{low, high[, log, step]}} or {{choices: [...]}} (got {raw!r})")
+    if "choices" in raw:
+        extra = sorted(set(raw) - {"choices"})
+        if extra:
+            raise ValueError(f"{at}: a categorical entry takes only 'choices' (unexpected: {extra})")
+        choices = raw["choices"]
+        if not isinstance(choices, list | tuple) or not choices:
+            raise ValueError(f"{at}.choices: expected a non-empty list (got {choices!r})")
+        bad = [c for c in choices if not isinstance(c, _CHOICE_TYPES)]
+        if bad:
+            raise ValueError(f"{at}.choices: values must be numbers, strings, booleans or null (got {bad!r})")
+        if len(set(map(repr, choices))) != len(choices):
+            raise ValueError(f"{at}.choices: duplicate values in {choices!r}")
+        return Hyperparameter(key, "categorical", choices=tuple(choices))
+    unknown = sorted(set(raw) - _RANGE_KEYS)
+    if unknown:
+        raise ValueError(f"{at}: unknown key(s) {unknown} (a range takes {sorted(_RANGE_KEYS)}; or use 'choices')")
+    if "low" not in raw or "high" not in raw:
+        raise ValueError(f"{at}: a range needs both 'low' and 'high' (got {raw!r})")
+    low, high, log_, step = raw["low"], raw["high"], raw.get("log", False), raw.get("step")
+    if not (_is_number(low) and _is_number(high)):
+        raise ValueError(f"{at}: low and high must be finite numbers (got low={low!r}, high={high!r})")
+    if not low < high:
+        raise ValueError(f"{at}: low must be below high (got low={low!r}, high={high!r})")
+    if not isinstance(log_, bool):
+        raise ValueError(f"{at}.log: expected true or false (got {log_!r})")
+    if log_ and low <= 0:
+        raise ValueError(f"{at}: a log range needs low > 0 (got low={low!r})")
+    kind = "int" if _is_int(low) and _is_int(high) else "float"
+    if step is not None:
+        if not _is_number(step) or step <= 0 or (kind == "int" and not _is_int(step)):
+            raise ValueError(f"{at}.step: expected a positive {kind} (got {step!r})")
+        if log_:
+            raise ValueError(f"{at}: 'step' and 'log: true' cannot be combined (Optuna refuses both)")
+    if kind == "float":
+        low, high = float(low), float(high)
+    return Hyperparameter(key, kind, low, high, log_, step)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The hyperparameters one strategy's study samples, in params order."""
+
+    params: tuple[Hyperparameter, ...]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, where: str = "") -> SearchSpace:
+        """Parse `{name: {low, high[, log, step]} | {choices: [...]}}`.
+
+        Ranges are int when both low and high are ints, else float.
+
+        Args:
+            raw: the mapping (one strategy's `tune.space` entry).
+            where: prefix for error messages, e.g. 'tune.space.lora'.
+
+        Raises:
+            ValueError: empty space, or a bad entry; the message names the key.
+        """
+        if not isinstance(raw, dict) or not raw:
+            raise ValueError(f"{where or 'search space'}: needs at least one hyperparameter (got {raw!r})")
+        if "kind" in raw:
+            raise ValueError(f"{where}.kind: the strategy kind cannot be tuned; add one entry per kind instead")
+        return cls(tuple(_parse_one(str(k), v, where) for k, v in raw.items()))
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        return {p.name: p.suggest(trial) for p in self.params}
+
+    def low_end(self) -> dict[str, Any]:
+        """Every range at its low end, every categorical at its first choice."""
+        return {p.name: p.extremes()[0] for p in self.params}
+
+    def corners(self) -> Iterator[dict[str, Any]]:
+        """Configs that together touch every bound and every choice (the low end, then one value changed
+        at a time), for validating the space against a strategy's config before any trial runs."""
+        base = self.low_end()
+        yield base
+        for p in self.params:
+            for v in p.extremes()[1:]:
+                yield {**base, p.name: v}
+
+
+def validate_space(name: str, base_config: dict[str, Any] | None, space: SearchSpace) -> None:
+    """Check that `strategies.<name>` merged with every corner of the space is a valid strategy config.
+
+    Raises:
+        ValueError: unknown hyperparameter or out-of-range bound, naming `tune.space.<name>`.
+    """
+    from transferlab.strategies import strategy_config
+
+    for corner in space.corners():
+        try:
+            strategy_config(name, {**(base_config or {}), **corner})
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"tune.space.{name}: {exc}") from None
+
+
+def check_tune_spaces(
+    tuned: list[str], spaces: dict[str, dict[str, Any]], strategies: dict[str, dict[str, Any]]
+) -> None:
+    """Params-level checks: every tuned strategy has a parsable space that fits its config. Spaces of
+    strategies that are not tuned are kept as ready-made examples and only checked once tuned.
+
+    Raises:
+        ValueError: naming `tune.space.<name>[.<key>]`.
+    """
+    for name in tuned:
+        if name not in spaces:
+            raise ValueError(f"tune.space.{name}: '{name}' is listed in tune.strategies but has no search space")
+        validate_space(name, strategies[name], SearchSpace.from_dict(spaces[name], where=f"tune.space.{name}"))
+
+
+class ReportingStrategy:
+    """A strategy wrapper that reports the validation accuracy of every finished epoch but the last.
+
+    Every attribute is the wrapped strategy's; only `on_epoch_start` differs: for epoch >= 2 it evaluates
+    the model on the validation split, calls `report(epoch - 1, accuracy)` (which may raise
+    `optuna.TrialPruned`, ending `fit`) and then runs the wrapped strategy's own hook.
+
+    Args:
+        strategy: the real strategy.
+        report: `report(epoch, val_accuracy)`.
+        val_x: the validation inputs of the trained module: uint8 images (N, H, W, 3) when `mean` and `std`
+            are given, else an array fed as it is (the features cache of `uses_features` strategies).
+        val_labels: int labels.
+        mean, std: the source's preprocessing (images only).
+        batch_size: evaluation batch (256, as in `fit`, so the numbers match its history).
+    """
+
+    def __init__(
+        self,
+        strategy: Any,
+        report: Report,
+        val_x: np.ndarray,
+        val_labels: np.ndarray,
+        mean: tuple | None = None,
+        std: tuple | None = None,
+        batch_size: int = 256,
+    ) -> None:
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std (images) or neither (features)")
+        self._strategy = strategy
+        self._report = report
+        self._val_x = val_x
+        self._val_y = torch.as_tensor(val_labels, dtype=torch.long)
+        self._mean, self._std = mean, std
+        self._batch_size = batch_size
+        self.reported: list[tuple[int, float]] = []
+
+    def __getattr__(self, item: str) -> Any:
+        # Only called for attributes this wrapper lacks: everything but on_epoch_start and its own state.
+        if item.startswith("_"):
+            raise AttributeError(item)
+        return getattr(self._strategy, item)
+
+    def __repr__(self) -> str:
+        return f"ReportingStrategy({self._strategy!r})"
+
+    def _inputs(self, idx: np.ndarray) -> torch.Tensor:
+        if self._mean is not None:
+            from transferlab.backbones import to_input
+
+            return to_input(self._val_x[idx], self._mean, self._std)
+        return torch.from_numpy(np.ascontiguousarray(self._val_x[idx], dtype=np.float32))
+
+    def val_accuracy(self, model: torch.nn.Module) -> float:
+        """Accuracy of `model` (put in eval mode) on the validation split, as `fit` computes it."""
+        from transferlab.training import predict_logits
+
+        logits = predict_logits(model, self._inputs, len(self._val_y), self._batch_size)
+        return float((logits.argmax(1) == self._val_y).float().mean())
+
+    def on_epoch_start(self, model: torch.nn.Module, epoch: int, cfg: Any, optimizer: Any) -> None:
+        if epoch >= 2:
+            acc = round(self.val_accuracy(model), 6)  # rounded like fit's history rows
+            self.reported.append((epoch - 1, acc))
+            self._report(epoch - 1, acc)
+        self._strategy.on_epoch_start(model, epoch, cfg, optimizer)
+
+
+def _trial_record(t: Any) -> dict[str, Any]:
+    return {"number": t.number, "params": dict(t.params), "value": t.value, "state": t.state.name}
+
+
+def tune(
+    objective_fn: Objective,
+    space: SearchSpace,
+    *,
+    n_trials: int,
+    seed: int,
+    storage_url: str,
+    study_name: str,
+    base_config: dict[str, Any],
+    pruner: bool = True,
+    catch: tuple[type[Exception], ...] = (),
+    on_trial_end: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Maximise `objective_fn` over `space` with a seeded TPE sampler, one trial after the other.
+
+    Each trial's suggested values are merged into `base_config` and passed as
+    `objective_fn(config, report)`; `report(epoch, val_accuracy)` records an intermediate value and raises
+    `optuna.TrialPruned` when the median pruner stops the trial.
+
+    Args:
+        objective_fn: returns the value to maximise (the best validation accuracy).
+        space: the search space.
+        n_trials: trials to run.
+        seed: the sampler's seed; with sequential trials the study is reproducible.
+        storage_url: Optuna storage, e.g. 'sqlite:///optuna.db'. An existing study of this name there is
+            deleted first, so that a re-run starts clean.
+        study_name: the study's name in the storage.
+        base_config: the strategy's current params entry.
+        pruner: median pruning of trials below the median of earlier ones at the same epoch (after five
+            complete trials and the first reported epoch); False never prunes.
+        catch: exceptions that fail one trial and let the study go on (e.g. a diverging learning rate).
+        on_trial_end: called with each finished trial's record (number, params, value, state,
+            intermediate values), e.g. to log it to MLflow.
+
+    Returns:
+        `{"best_value", "best_params", "trials": [{"number", "params", "value", "state"}, ...]}`.
+
+    Raises:
+        TuningError: no trial completed.
+        Whatever `objective_fn` raises outside `catch` (the study keeps the trial as FAIL).
+    """
+    import optuna
+
+    if n_trials < 1:
+        raise ValueError(f"n_trials must be >= 1 (got {n_trials})")
+    try:
+        optuna.delete_study(study_name=study_name, storage=storage_url)
+        log.info("deleted the earlier study '%s' in %s: this run starts clean", study_name, storage_url)
+    except KeyError:
+        pass
+    # TPE samples at random for its first n_startup_trials (10 by default): with fewer trials than that it
+    # would be a plain random search, so half of the budget (at least one trial) explores, the rest exploits.
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(10, n_trials // 2)))
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=sampler,
+        pruner=optuna.pruners.MedianPruner(n_warmup_steps=1) if pruner else optuna.pruners.NopPruner(),
+        storage=storage_url,
+        study_name=study_name,
+        load_if_exists=False,
+    )
+
+    def objective(trial: optuna.Trial) -> float:
+        config = {**base_config, **space.suggest(trial)}
+
+        def report(epoch: int, value: float) -> None:
+            trial.report(float(value), int(epoch))
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} (val accuracy {value:.4f})")
+
+        return float(objective_fn(config, report))
+
+    def callback(_study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+        if on_trial_end is not None:
+            on_trial_end({**_trial_record(t), "intermediate_values": dict(t.intermediate_values)})
+
+    study.optimize(objective, n_trials=n_trials, n_jobs=1, catch=catch, callbacks=[callback], gc_after_trial=False)
+    trials = [_trial_record(t) for t in study.trials]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        states = sorted({t["state"] for t in trials})
+        raise TuningError(
+            f"study '{study_name}': none of {len(trials)} trials completed (states: {states}); narrow the search "
+            "space (e.g. lower the top of the lr range), add trials, or set tune.pruning: false"
+        )
+    best = study.best_trial
+    return {"best_value": best.value, "best_params": dict(best.params), "trials": trials}
