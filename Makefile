@@ -6,6 +6,8 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
+# dvc.yaml's stages run `python -m stages.<name>`: that `python` must be the venv's.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 

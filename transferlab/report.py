@@ -29,19 +29,29 @@ def build_sections(
     raw = rows.get("raw_pixel_logreg")
     rec = (
         f"Use **{best_transfer}** from source **{score.get('train_source', score.get('selected'))}**: test accuracy "
-        f"{_pct(rows[best_transfer]['test_accuracy'])}, "
-        + (f"{_pp(rows[best_transfer][key]['accuracy'])} over {base} (95% CI). " if key in rows[best_transfer] else "")
+        f"{_pct(rows[best_transfer]['test_accuracy'])}"
         + (
-            f"The raw-pixel logistic regression reaches {_pct(raw['test_accuracy'])}: "
-            + (
-                "transfer clearly beats it."
-                if rows[best_transfer]["test_accuracy"] > raw["test_accuracy"] + 0.02
-                else "transfer barely beats, or does not beat, a linear model on pixels here."
-            )
-            if raw
-            else ""
+            f", {_pp(rows[best_transfer][key]['accuracy'])} over {base} (95% CI)."
+            if key in rows[best_transfer]
+            else "."
         )
     )
+    vs_raw = next(
+        (
+            f["evidence"]["gain_vs"].get("raw_pixel_logreg")
+            for f in diagnosis.get("findings", [])
+            if f["type"] == "negative_transfer" and f["subject"] == best_transfer
+        ),
+        None,
+    )
+    if raw and vs_raw:
+        beats = "clearly beats it" if vs_raw["ci_low"] > 0 else "does not clearly beat it (the interval includes zero)"
+        if vs_raw["ci_high"] < 0:
+            beats = "is worse than it: the pre-trained features do not earn their cost here"
+        rec += (
+            f" A logistic regression on raw pixels reaches {_pct(raw['test_accuracy'])}; {best_transfer} "
+            f"{beats}: {_pp(vs_raw)}."
+        )
     sections: list[tuple[str, str, list[list[str]] | None]] = [("Recommendation", rec, None)]
     table = [["model", "test accuracy", "macro F1", f"accuracy gain vs {base} (95% CI)", "verdict", "train s"]]
     for n in summary["ranking"]:

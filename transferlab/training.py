@@ -120,8 +120,9 @@ def fit(
         loss_sum, correct = 0.0, 0
         for step in range(steps_per_epoch):
             idx = order[step * batch_size : (step + 1) * batch_size]
-            logits = model(train_inputs(idx, True))
-            loss = F.cross_entropy(logits, y_train[idx])
+            inputs = train_inputs(idx, True)
+            logits = model(inputs)
+            loss = strategy.loss(logits, y_train[idx], inputs, cfg)
             extra = strategy.penalty(model, cfg)
             if extra is not None:
                 loss = loss + extra
@@ -211,6 +212,8 @@ def train_strategy(
         ValueError: a feature strategy got no features cache.
         DivergenceError: see `fit`.
     """
+    if hasattr(strategy, "set_data"):  # strategies that train helpers of their own (a distillation teacher)
+        strategy.set_data(images, labels)
     model = strategy.build(source, num_classes, cfg, seed)
     trainable, total = count_params(model)
     if strategy.uses_features:

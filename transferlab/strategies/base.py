@@ -65,6 +65,12 @@ class Strategy:
         """Hook run once before the first epoch (AdaBN re-estimates BatchNorm statistics here).
         `train_inputs(indices, augment)` builds a normalised input batch."""
 
+    def loss(
+        self, logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor, cfg: StrategyConfig
+    ) -> torch.Tensor:
+        """The training loss of one batch (cross-entropy; distillation adds the teacher's soft targets)."""
+        return torch.nn.functional.cross_entropy(logits, targets)
+
     def penalty(self, model: nn.Module, cfg: StrategyConfig) -> torch.Tensor | None:
         """Extra loss term added to the cross-entropy at every step (L2-SP's pull towards the source)."""
         return None
