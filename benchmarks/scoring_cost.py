@@ -42,7 +42,8 @@ def main() -> None:
         f"size={data.images['train'].shape[1]} epochs={epochs}"
     )
     print(
-        f"{'candidate':20s} {'features_s':>10s} {'estimators_s':>12s} {'epoch_s':>8s} {'finetune_s':>10s} {'ratio':>7s}"
+        f"{'candidate':20s} {'forward_s':>9s} {'estimators_s':>12s} {'cache_s':>8s} {'epoch_s':>8s} "
+        f"{'finetune_s':>10s} {'ratio':>7s}"
     )
     total_score = total_ft = 0.0
     for name in names:
