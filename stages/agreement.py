@@ -13,7 +13,7 @@ from torch import nn
 
 from stages._common import params_or_exit, parser, run_main
 from transferlab.agreement import plain_summary, rank_agreement
-from transferlab.backbones import load_source, to_input
+from transferlab.backbones import load_source
 from transferlab.data import load_prepared
 from transferlab.io import read_json, write_json, write_text
 from transferlab.plotting import agreement_png
@@ -22,7 +22,7 @@ from transferlab.seeding import seed_everything
 from transferlab.strategies import get_strategy, strategy_config
 from transferlab.strategies.base import Strategy, StrategyConfig
 from transferlab.tracking import stage_run
-from transferlab.training import fit, predict_logits, tensor_batches, train_strategy
+from transferlab.training import fit, predict_images, tensor_batches, train_strategy
 
 
 def probe_predictions(feat_dir: Path, labels: dict, num_classes: int, cfg, seed: int, gen) -> np.ndarray:
@@ -48,10 +48,6 @@ def probe_predictions(feat_dir: Path, labels: dict, num_classes: int, cfg, seed:
     with torch.no_grad():
         pred = head(torch.from_numpy(feats["test"])).argmax(1).numpy()
     return pred
-
-
-def batches_for(images: np.ndarray, source) -> callable:
-    return lambda idx: to_input(images[idx], source.mean, source.std)
 
 
 def main() -> None:
@@ -106,7 +102,7 @@ def main() -> None:
                 generator=gen,
                 label=f"agreement:{name}",
             )
-            logits = predict_logits(result.model, batches_for(data.images["test"], source), len(data.labels["test"]))
+            logits = predict_images(result.model, data.images["test"], source.mean, source.std)
             preds["short_finetune"][name] = logits.argmax(1).numpy()
         out: dict = {"candidates": names, "recipes": {}}
         rows = []

@@ -23,7 +23,7 @@ from transferlab.params import SourceSpec
 from transferlab.seeding import seed_everything
 from transferlab.strategies import get_strategy, strategy_config
 from transferlab.tracking import stage_run
-from transferlab.training import predict_logits, train_strategy
+from transferlab.training import predict_images, train_strategy
 
 TUNED_PREFERENCE = ("finetune_full", "discriminative_lr", "l2sp", "gradual_unfreeze", "finetune_top")
 
@@ -46,9 +46,7 @@ def imagenet_proxy_images(n: int, size: int, seed: int) -> np.ndarray:
 
 
 def preds_of(model, images: np.ndarray, mean, std) -> np.ndarray:
-    from transferlab.backbones import to_input
-
-    return predict_logits(model, lambda idx: to_input(images[idx], mean, std), len(images)).argmax(1).numpy()
+    return predict_images(model, images, mean, std).argmax(1).numpy()
 
 
 def main() -> None:  # noqa: C901 - one finding type after another, in the order of the report

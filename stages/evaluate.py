@@ -18,7 +18,7 @@ from transferlab.plotting import confusion_png
 from transferlab.seeding import seed_everything
 from transferlab.strategies import get_strategy, strategy_config
 from transferlab.tracking import stage_run
-from transferlab.training import predict_logits
+from transferlab.training import predict_images
 
 
 def predictions_frame(y_true: np.ndarray, proba: np.ndarray, class_names: list[str]) -> pd.DataFrame:
@@ -63,7 +63,7 @@ def main() -> None:
             ),
         )
         images, y_true = data.images["test"], data.labels["test"]
-        logits = predict_logits(model, lambda idx: to_input(images[idx], meta["mean"], meta["std"]), len(y_true))
+        logits = predict_images(model, images, meta["mean"], meta["std"])
         proba = torch.softmax(logits, 1).numpy().astype(np.float64)
         metrics = classification_metrics(y_true, proba, data.class_names)
         confusion = metrics.pop("confusion")

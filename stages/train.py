@@ -105,10 +105,8 @@ def main() -> None:
             "pretrained": strategy.pretrained,
             "source_spec": spec.model_dump(),
         }
-        if source.weights.startswith("pipeline:"):
-            import torch
-
-            meta["kwargs"] = torch.load(source.weights.removeprefix("pipeline:"), weights_only=True).get("kwargs", {})
+        if source.kwargs:
+            meta["kwargs"] = source.kwargs
         strategy.save(result.model, out, meta)
         history = pd.DataFrame(result.history)
         write_text(args.history, history.to_csv(index=False, lineterminator="\n"))

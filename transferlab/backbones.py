@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ class SourceModel:
     has_classifier: bool  # a source classifier whose logits LEEP/NCE and forgetting checks can use
     weights: str  # where the weights came from, for provenance
     weights_sha256: str | None
+    kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (pipeline sources)
 
 
 SOURCE_KINDS: dict[str, Callable[..., SourceModel]] = {}
@@ -184,12 +185,21 @@ def _load_random(name: str, spec: SourceSpec, *, seed: int = 0, **_) -> SourceMo
 def _load_pipeline(name: str, spec: SourceSpec, *, pipeline_dir: str | Path = "models/pretrain", **_) -> SourceModel:
     path = Path(pipeline_dir) / name / "model.pt"
     if not path.is_file():
-        raise SourceError(f"sources.{name}: {path} not found; run `dvc repro pretrain@{name}` first")
+        raise SourceError(f"sources.{name}: {path} not found; run `dvc repro pretrain` first")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = _create(ckpt["arch"], pretrained=False, num_classes=int(ckpt["num_classes"]), **ckpt.get("kwargs", {}))
+    kwargs = ckpt.get("kwargs", {})
+    model = _create(ckpt["arch"], pretrained=False, num_classes=int(ckpt["num_classes"]), **kwargs)
     model.load_state_dict(ckpt["state_dict"], strict=True)
     return SourceModel(
-        name, ckpt["arch"], model, tuple(ckpt["mean"]), tuple(ckpt["std"]), True, f"pipeline:{path}", file_sha256(path)
+        name,
+        ckpt["arch"],
+        model,
+        tuple(ckpt["mean"]),
+        tuple(ckpt["std"]),
+        True,
+        f"pipeline:{path}",
+        file_sha256(path),
+        kwargs,
     )
 
 
@@ -227,12 +237,7 @@ def with_new_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
 def random_like(source: SourceModel, num_classes: int, seed: int) -> nn.Module:
     """The source's architecture with random weights and a `num_classes` head: the scratch baseline."""
     torch.manual_seed(seed)
-    kwargs = {}
-    if source.weights.startswith("pipeline:"):
-        kwargs = torch.load(source.weights.removeprefix("pipeline:"), map_location="cpu", weights_only=True).get(
-            "kwargs", {}
-        )
-    return _create(source.arch, pretrained=False, num_classes=num_classes, **kwargs)
+    return _create(source.arch, pretrained=False, num_classes=num_classes, **source.kwargs)
 
 
 def block_groups(model: nn.Module) -> list[list[str]]:

@@ -65,6 +65,11 @@ def predict_logits(
     return torch.cat(out).float()
 
 
+def predict_images(model: nn.Module, images: np.ndarray, mean: tuple, std: tuple) -> torch.Tensor:
+    """Logits of `model` (eval mode) over uint8 (N, H, W, 3) images, normalised with `mean` / `std`."""
+    return predict_logits(model, lambda idx: to_input(images[idx], mean, std), len(images))
+
+
 def fit(
     model: nn.Module,
     strategy: Strategy,
