@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test test-fast lint format dataset clean-outputs
+.PHONY: setup repro test test-fast lint format dataset clean-outputs bench review
 
 setup: $(STAMP)
 
@@ -47,3 +47,14 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# One table: per-stage fixed overhead, time to a params error, training img/s, scoring cost ratio (~5 min).
+# More repeats: make bench BENCH_ARGS="--repeats 5 --steps 20".
+bench: setup
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# What CI posts on a pull request (.github/workflows/review.yml), locally: the working tree against BASE.
+# make review BASE=origin/main REVIEW_ARGS="--md --fail-on-regression"
+BASE ?= main
+review: setup
+	$(VENV)/bin/transferlab review --base $(BASE) $(REVIEW_ARGS)

@@ -1,4 +1,9 @@
-"""What every stage entry point shares: argument parsing, logging, params loading, clean failures."""
+"""What every stage entry point shares: argument parsing, logging, params loading, clean failures.
+
+Kept light on purpose: a stage imports this module first, and a typo in params must be reported before
+torch, timm or MLflow are imported (seconds each). Stages import their heavy libraries inside `main()`,
+after `params_or_exit`.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,23 @@ from collections.abc import Callable
 from transferlab.params import Params, ParamsError, load_params
 
 log = logging.getLogger("transferlab")
+
+# Errors that mean "the user's input or set-up is wrong": one clear line and exit 1, no traceback.
+# (module, class): looked up only in modules already imported, since an exception class whose module was
+# never imported cannot have been raised; importing them here would import torch into every stage.
+USER_ERRORS = (
+    ("transferlab.params", "ParamsError"),
+    ("transferlab.data", "DatasetError"),
+    ("transferlab.backbones", "SourceError"),
+    ("transferlab.tracking", "TrackingError"),
+    ("transferlab.training", "DivergenceError"),
+    ("transferlab.device", "DeviceError"),
+)
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The classes of `USER_ERRORS` whose modules are imported."""
+    return tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -39,14 +61,11 @@ def params_or_exit(path: str) -> Params:
 
 def run_main(fn: Callable[[], None]) -> None:
     """Run a stage; known user errors print one clear message and exit 1 instead of a traceback."""
-    from transferlab.backbones import SourceError
-    from transferlab.data import DatasetError
-    from transferlab.tracking import TrackingError
-    from transferlab.training import DivergenceError
-
     setup()
     try:
         fn()
-    except (ParamsError, DatasetError, SourceError, TrackingError, DivergenceError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, user_error_types()):
+            raise
         log.error("%s: %s", type(exc).__name__, exc)
         raise SystemExit(1) from None

@@ -1,14 +1,8 @@
-"""Stage `baseline`: logistic regression on raw pixels, evaluated like every strategy."""
+"""Stage `baseline`: logistic regression on raw pixels (C chosen on validation), evaluated like every strategy."""
 
 from __future__ import annotations
 
 from stages._common import params_or_exit, parser, run_main
-from stages.evaluate import predictions_frame
-from transferlab.baselines import raw_pixel_logreg
-from transferlab.data import load_prepared
-from transferlab.evaluation import classification_metrics
-from transferlab.io import write_json, write_text
-from transferlab.tracking import stage_run
 
 
 def main() -> None:
@@ -18,28 +12,34 @@ def main() -> None:
     p.add_argument("--predictions", required=True)
     args = p.parse_args()
     params = params_or_exit(args.params)
+
+    from stages.evaluate import predictions_frame
+    from transferlab.baselines import raw_pixel_logreg
+    from transferlab.data import load_prepared
+    from transferlab.evaluation import classification_metrics
+    from transferlab.io import write_json, write_text
+    from transferlab.tracking import stage_run
+
     read = {"seed": params.seed, "baseline": params.baseline.model_dump()}
     data = load_prepared(args.prepared)
     with stage_run(params.tracking, "baseline", read, strategy="raw_pixel_logreg"):
         import mlflow
 
-        proba = raw_pixel_logreg(
-            data.images["train"],
-            data.labels["train"],
-            data.images["test"],
-            C=params.baseline.C,
+        _, proba, search = raw_pixel_logreg(
+            data.images,
+            data.labels,
+            C_grid=list(params.baseline.C_grid),
             max_iter=params.baseline.max_iter,
             seed=params.seed,
         )
         metrics = classification_metrics(data.labels["test"], proba, data.class_names)
         metrics.pop("confusion")
+        # The same fields as a strategy's train metrics, so that the recommendation (on validation) and
+        # the comparison treat it as one more row.
+        metrics.update({"best_val_accuracy_mean": search["val_accuracy"], "C": search["C"], "C_search": search["grid"]})
         write_json(args.metrics, metrics)
-        write_text(
-            args.predictions,
-            predictions_frame(data.labels["test"], proba, data.class_names).to_csv(
-                index_label="index", lineterminator="\n"
-            ),
-        )
+        frame = predictions_frame(data.ids["test"], 0, data.labels["test"], proba, data.class_names)
+        write_text(args.predictions, frame.to_csv(index=False, lineterminator="\n"))
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
 
 

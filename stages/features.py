@@ -4,7 +4,9 @@ plus the candidate's cost profile.
 Penultimate features (and the source classifier's logits, where it has one) per split, as .npy. Scoring
 and the `linear_probe` strategy read this cache; no stage runs a frozen backbone over the same images
 twice. `cost.json` (parameters, FLOPs, training-step memory) is deterministic and goes to the score
-metrics; CPU latency is wall time and goes to `perf/`.
+metrics; CPU latency is wall time and goes to `perf/`. The forward pass runs on `train.device` (the GPU when
+there is one, under mixed precision: features then differ from a CPU run's in the last bits); the device
+used is recorded in `perf/` and as an MLflow tag.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from pathlib import Path
 
 from stages._common import params_or_exit, parser, run_main
 from transferlab.backbones import extract, load_source
-from transferlab.costs import cost_profile
 from transferlab.data import SPLITS, load_prepared
+from transferlab.device import device_info, device_tags, resolve_device
 from transferlab.io import write_json, write_npy
 from transferlab.params import ParamsError
 from transferlab.seeding import seed_everything
@@ -30,6 +32,8 @@ def main() -> None:
     p.add_argument("--perf", required=True, help="latency JSON (wall time: not a DVC metric)")
     args = p.parse_args()
     params = params_or_exit(args.params)
+    from transferlab.costs import cost_profile  # torch: imported once params are known to be valid
+
     if args.source not in params.sources:
         raise ParamsError(f"--source {args.source}: not a key of `sources` (valid: {sorted(params.sources)})")
     spec = params.sources[args.source]
@@ -37,26 +41,35 @@ def main() -> None:
         "seed": params.seed,
         f"sources.{args.source}": spec.model_dump(),
         "score.latency_repeats": params.score.latency_repeats,
+        "train.device": params.train.device,
     }
     seed_everything(params.seed, params.train.num_threads)
+    device = resolve_device(params.train.device)
     data = load_prepared(args.prepared)
     source = load_source(args.source, spec, seed=params.seed, pipeline_dir=args.pretrained_dir)
-    with stage_run(params.tracking, f"features@{args.source}", read, tags={"source": args.source}):
+    tags = {"source": args.source, **device_tags(device)}
+    with stage_run(params.tracking, f"features@{args.source}", read, tags=tags):
         import mlflow
 
         out = Path(args.out)
         for split in SPLITS:
             feats, logits = extract(
-                source.model, data.images[split], source.mean, source.std, with_logits=source.has_classifier
+                source.model,
+                data.images[split],
+                source.mean,
+                source.std,
+                with_logits=source.has_classifier,
+                device=device,
             )
             write_npy(out / f"{split}_features.npy", feats)
             if logits is not None:
                 write_npy(out / f"{split}_logits.npy", logits)
         size = int(data.images["train"].shape[1])
+        source.model.to("cpu")  # the cost profile (FLOPs, CPU latency) is measured on the CPU
         cost, timed = cost_profile(source.model, size, latency_repeats=params.score.latency_repeats)
         cost["feature_dim"] = int(feats.shape[1])
         write_json(out / "cost.json", cost)
-        write_json(args.perf, timed)
+        write_json(args.perf, {**timed, "extract": device_info(device)})
         write_json(
             out / "source.json",
             {

@@ -1,14 +1,15 @@
 """Stage `pretrain`: train the in-pipeline source models (params `pretrain`) on their known source tasks.
 
-Writes models/pretrain/<name>/ (model.pt, the held-out source test split, run_info.json) for each entry,
-and models/pretrain/index.json listing them, so the folder exists even when no entry does.
+Writes models/pretrain/<name>/ (model.pt, the held-out source test split) for each entry, and
+models/pretrain/index.json listing them, so the folder exists even when no entry does. The provenance of
+each run (MLflow run id, git state) goes to <run-info>/<name>.json, outside models/pretrain: the stages that
+depend on the weights must not see a new hash when only the run id changed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 from pydantic import ValidationError
 
 from stages._common import params_or_exit, parser, run_main
@@ -24,6 +25,7 @@ def main() -> None:
     p.add_argument("--out", required=True, help="folder; one sub-folder per pretrain entry")
     p.add_argument("--metrics", required=True)
     p.add_argument("--history", required=True, help="folder of per-epoch CSVs")
+    p.add_argument("--run-info", required=True, help="folder of provenance JSONs, one per source (runs/pretrain)")
     args = p.parse_args()
     params = params_or_exit(args.params)
     specs = {}
@@ -39,6 +41,7 @@ def main() -> None:
         gen = seed_everything(params.seed, params.train.num_threads)
         with stage_run(params.tracking, f"pretrain@{name}", read, tags={"source": name}) as run:
             import mlflow
+            import pandas as pd
 
             result, source_test, m = pretrain(spec, params.seed, gen, label=name)
             save_pretrained(out / name, result, spec, source_test)
@@ -46,11 +49,12 @@ def main() -> None:
                 Path(args.history) / f"{name}.csv",
                 pd.DataFrame(result.history).to_csv(index=False, lineterminator="\n"),
             )
-            write_json(out / name / "run_info.json", run_info(run, f"pretrain@{name}", read, {}))
+            write_json(Path(args.run_info) / f"{name}.json", run_info(run, f"pretrain@{name}", read, {}))
             mlflow.log_metrics({k: float(v) for k, v in m.items()})
             mlflow.log_metric("train_seconds", result.train_seconds)
             metrics[name] = m
     write_json(out / "index.json", {"sources": sorted(specs)})
+    Path(args.run_info).mkdir(parents=True, exist_ok=True)  # declared as an output even with no source
     write_json(args.metrics, metrics)
     Path(args.history).mkdir(parents=True, exist_ok=True)
 

@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
-import pandas as pd
-
 from stages._common import params_or_exit, parser, run_main
-from transferlab.io import read_json, write_text
-from transferlab.plotting import gain_png
-from transferlab.report import build_sections, to_html, to_markdown
-from transferlab.tracking import stage_run
 
 
 def main() -> None:
@@ -29,9 +22,23 @@ def main() -> None:
     p.add_argument("--html", required=True)
     args = p.parse_args()
     params = params_or_exit(args.params)
-    timings = {f.stem: json.loads(f.read_text())["train_seconds"] for f in sorted(Path(args.perf).glob("*.json"))}
+
+    import tempfile
+
+    import pandas as pd
+
+    from transferlab.io import read_json, write_text
+    from transferlab.plotting import gain_png
+    from transferlab.report import build_sections, to_html, to_markdown
+    from transferlab.tracking import stage_run
+
+    timings = {
+        f.stem: json.loads(f.read_text()).get("train_seconds_total", 0.0)
+        for f in sorted(Path(args.perf).glob("*.json"))
+    }
+    summary = read_json(args.summary)
     sections = build_sections(
-        read_json(args.summary),
+        summary,
         read_json(args.score),
         read_json(args.agreement),
         read_json(args.diagnosis),
@@ -44,7 +51,9 @@ def main() -> None:
         write_text(args.markdown, to_markdown(sections))
         with tempfile.TemporaryDirectory() as tmp:
             rows = pd.read_csv(args.gain).to_dict("records")
-            gain = gain_png(rows, "test accuracy gain over scratch (95% CI)", Path(tmp) / "gain_over_scratch.png")
+            pct = round(100 * summary["confidence"])
+            title = f"Test accuracy gain over {summary['baseline']} ({pct}% CI over test samples and seeds)"
+            gain = gain_png(rows, title, Path(tmp) / "gain_over_scratch.png")
             write_text(args.html, to_html(sections, [gain, *map(Path, args.figures)]))
         mlflow.log_artifact(args.markdown)
         mlflow.log_artifact(args.html)

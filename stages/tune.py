@@ -20,13 +20,11 @@ import numpy as np
 import yaml
 
 from stages._common import params_or_exit, parser, run_main
-from stages.train import resolve_source
 from transferlab.backbones import load_source
 from transferlab.data import load_prepared
 from transferlab.io import write_json, write_text
 from transferlab.seeding import seed_everything
 from transferlab.strategies import STRATEGIES, get_strategy, strategy_config
-from transferlab.training import DivergenceError, train_strategy
 from transferlab.tuning import Report, ReportingStrategy, SearchSpace, TuningError, tune, validate_space
 
 
@@ -71,6 +69,11 @@ def main() -> None:
         validate_space(name, entry, space)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    # torch and the training loop: imported once params and the search space are known to be valid.
+    from stages.train import resolve_source
+    from transferlab.device import resolve_device
+    from transferlab.training import DivergenceError, train_strategy
+
     source_name, spec = resolve_source(args.selection)
     read = {
         "seed": params.seed,
@@ -82,6 +85,7 @@ def main() -> None:
     }
 
     seed_everything(params.seed, tp.num_threads)
+    device = resolve_device(tp.device)
     data = load_prepared(args.prepared)
     # Train and validation only: tuning never sees the test split.
     images = {s: data.images[s] for s in ("train", "val")}
@@ -119,6 +123,7 @@ def main() -> None:
             generator=gen,
             features=features,
             label=f"tune@{name}",
+            device=device,
         )
         return result.best_val_accuracy
 
@@ -128,11 +133,11 @@ def main() -> None:
     if storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
+    from transferlab.device import device_tags
     from transferlab.tracking import stage_run
 
-    with stage_run(
-        params.tracking, f"tune@{name}", read, strategy=name, tags={"source": source_name, "kind": cfg.kind}
-    ) as run:
+    tags = {"source": source_name, "kind": cfg.kind, **device_tags(device)}
+    with stage_run(params.tracking, f"tune@{name}", read, strategy=name, tags=tags) as run:
         import mlflow
 
         def log_trial(t: dict[str, Any]) -> None:

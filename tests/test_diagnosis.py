@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 from transferlab import diagnosis as dx
@@ -52,13 +53,60 @@ def test_overfitting_gap():
     assert out["over"]["evidence"]["accuracy_gap_at_best"] == 0.4
 
 
-def test_lr_sensitivity_flags_a_rate_that_wrecks_the_source():
-    calm = [{"lr": lr, "target_accuracy": 0.8, "source_accuracy_drop": 0.01} for lr in (1e-4, 1e-3)]
-    assert not dx.lr_sensitivity(calm, spread_threshold=0.1, forgetting_threshold=0.1)["flagged"]
-    wild = calm + [{"lr": 0.1, "target_accuracy": 0.3, "source_accuracy_drop": 0.6}]
+def test_lr_sensitivity_chooses_on_validation_and_flags_a_rate_that_wrecks_the_source():
+    def row(lr, val, test, drop):
+        return {
+            "lr": lr,
+            "val_accuracy": val,
+            "test_accuracy": test,
+            "source_accuracy_drop": drop,
+        }  # noqa: E731
+
+    calm = [row(1e-4, 0.8, 0.7, 0.01), row(1e-3, 0.79, 0.9, 0.01)]
+    f = dx.lr_sensitivity(calm, spread_threshold=0.1, forgetting_threshold=0.1)
+    assert not f["flagged"]
+    assert f["evidence"]["best_lr_on_validation"] == 1e-4  # the test split's favourite (1e-3) is not chosen
+    wild = calm + [row(0.1, 0.3, 0.3, 0.6)]
     f = dx.lr_sensitivity(wild, spread_threshold=0.1, forgetting_threshold=0.1)
     assert f["flagged"] and f["evidence"]["rates_that_wreck_the_source_task"] == [0.1]
-    assert f["evidence"]["best_lr"] == 1e-4
+
+
+def _history(losses, val_accs):
+    return [
+        {"epoch": i + 1, "train_loss": lo, "train_accuracy": va, "val_loss": lo, "val_accuracy": va, "lr": 1e-3}
+        for i, (lo, va) in enumerate(zip(losses, val_accs, strict=True))
+    ]
+
+
+def test_training_failed_flags_a_run_at_chance_with_a_flat_loss_and_not_a_normal_one():
+    ln10 = float(np.log(10))
+    failed = dx.training_failed(
+        "x", 0, _history([ln10, ln10 + 0.001, ln10], [0.1, 0.11, 0.1]), {"lr": 0.003}, 10, accuracy_margin=0.05
+    )
+    assert failed["flagged"] and failed["severity"] == "critical"
+    assert "validation accuracy at chance" in failed["evidence"]["reasons"]
+    assert "loss never fell below ln(C)" in failed["evidence"]["reasons"]
+    assert failed["evidence"]["train_loss_first_last"] == [round(ln10, 6), round(ln10, 6)]
+    assert "0.003" in failed["remedy"]
+    normal = dx.training_failed("x", 0, _history([2.0, 1.0, 0.6], [0.5, 0.7, 0.8]), {}, 10, accuracy_margin=0.05)
+    assert not normal["flagged"] and normal["evidence"]["reasons"] == []
+    diverged = dx.training_failed("x", 0, _history([2.0, 1.0, 5.0], [0.5, 0.7, 0.8]), {}, 10, accuracy_margin=0.05)
+    assert diverged["flagged"] and diverged["evidence"]["reasons"] == ["loss grew (diverging)"]
+    told = dx.training_failed(
+        "x",
+        1,
+        _history([2.0, 0.6], [0.5, 0.8]),
+        {"training_failed": True, "failure_reason": "nan"},
+        10,
+        accuracy_margin=0.05,
+    )
+    assert told["flagged"] and told["evidence"]["reasons"] == ["train stage: nan"]
+
+
+def test_resolution_flags_only_a_size_far_below_the_source_size():
+    low = dx.resolution("lite0", 48, 224, ratio_threshold=0.5, size_origin="timm")
+    assert low["flagged"] and low["evidence"]["ratio"] == round(48 / 224, 6)
+    assert not dx.resolution("lite0", 160, 224, ratio_threshold=0.5, size_origin="timm")["flagged"]
 
 
 def _trained_source(tiny_source, tiny_data):
@@ -133,28 +181,47 @@ def test_exact_forgetting_after_fine_tuning_at_a_wrecking_rate(tiny_source, tiny
 
 
 def test_domain_shift_quiet_for_same_domain_and_flagged_for_a_shift(tiny_source, tiny_data):
-    model = _trained_source(tiny_source, tiny_data)
+    model = copy.deepcopy(tiny_source.model)  # BN statistics are set below
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(120, 16)), rng.normal(size=(120, 16))
     imgs = tiny_data["images"]["train"]
-    same = dx.domain_shift(
-        model, imgs, a, b, (0.5,) * 3, (0.5,) * 3, source_domain="s", n_permutations=100, seed=0, pad_threshold=1.0
-    )
-    assert not same["flagged"]
-    far = dx.domain_shift(
+    # The source's own BN statistics on its own training images: re-estimated exactly there, so gap ~ 0.
+    from transferlab.strategies.adabn import reestimate_bn_stats
+    from transferlab.training import image_batches
+
+    reestimate_bn_stats(model, image_batches(imgs, {"mean": (0.5,) * 3, "std": (0.5,) * 3}, "none", None), len(imgs))
+    kw = dict(n_permutations=100, seed=0, pad_threshold=1.0, bn_gap_threshold=0.5, source_domain="s")
+    same = dx.domain_shift(model, imgs, a, b, (0.5,) * 3, (0.5,) * 3, **kw)
+    assert not same["flagged"] and same["evidence"]["bn_mean_gap_avg"] < 0.05
+    shifted = rng.integers(0, 256, imgs.shape, dtype=np.uint8)  # uniform noise: another domain entirely
+    far = dx.domain_shift(model, shifted, a, b + 3.0, (0.5,) * 3, (0.5,) * 3, **kw)
+    assert far["flagged"] and far["evidence"]["proxy_a_distance"] > 1.5 and far["evidence"]["mmd_p_value"] < 0.05
+    assert set(far["evidence"]["flagged_by"]) == {"bn_statistics_gap", "mmd_and_proxy_a_distance"}
+
+
+def test_domain_shift_without_source_images_is_not_measurable_and_never_flagged_by_a_stand_in(tiny_source, tiny_data):
+    model = copy.deepcopy(tiny_source.model)  # BN statistics are set below
+    imgs = tiny_data["images"]["train"]
+    from transferlab.strategies.adabn import reestimate_bn_stats
+    from transferlab.training import image_batches
+
+    reestimate_bn_stats(model, image_batches(imgs, {"mean": (0.5,) * 3, "std": (0.5,) * 3}, "none", None), len(imgs))
+    f = dx.domain_shift(
         model,
-        255 - imgs,
-        a,
-        b + 3.0,
+        imgs,
+        None,
+        None,
         (0.5,) * 3,
         (0.5,) * 3,
-        source_domain="s",
         n_permutations=100,
         seed=0,
         pad_threshold=1.0,
+        bn_gap_threshold=0.5,
+        source_domain="s",
     )
-    assert far["flagged"] and far["evidence"]["proxy_a_distance"] > 1.5 and far["evidence"]["mmd_p_value"] < 0.05
-    assert far["evidence"]["bn_layers"] > 0
+    assert not f["flagged"] and f["remedy_result"] is None
+    assert f["evidence"]["proxy_a_distance"] == dx.NOT_MEASURABLE and f["evidence"]["mmd2"] == dx.NOT_MEASURABLE
+    assert "not measurable offline" in dx.to_markdown([f], dx.summarize([f]))
 
 
 def test_summary_and_markdown():
@@ -166,3 +233,70 @@ def test_summary_and_markdown():
     assert s == {"by_type": {"overfitting": {"checked": 2, "flagged": 1}}, "worst_severity": "warning", "flagged": 1}
     md = dx.to_markdown(findings, s)
     assert "**WARNING** `a`" in md and "ok `b`" in md
+    y = np.random.default_rng(0).integers(0, 3, 400)
+    findings[0]["remedy_result"] = dx.remedy_outcome(
+        y, _preds(y, 0.5, 1), _preds(y, 0.9, 2), 200, 0, "x", confidence=0.9
+    )
+    assert "(90% CI)" in dx.to_markdown(findings, s) and "95%" not in dx.to_markdown(findings, s)
+
+
+def test_check_registry_lists_every_check_and_names_the_valid_ones_on_a_typo():
+    from transferlab.checks import CHECKS, get_check
+
+    expected = {
+        "training_failed",
+        "negative_transfer",
+        "forgetting_proxy",
+        "forgetting_exact",
+        "domain_shift",
+        "resolution",
+        "overfitting",
+    }
+    assert set(CHECKS) == expected and all(get_check(n).name == n for n in expected)
+    with pytest.raises(KeyError, match="valid: .*domain_shift"):
+        get_check("domain_shfit")
+
+
+def test_per_seed_records_reads_the_train_stage_layout():
+    from transferlab.checks.training_failed import per_seed_records
+
+    recs = per_seed_records({"lr": 0.003, "per_seed": {"0": {"converged": True}, "1": {"training_failed": True}}})
+    assert recs == {0: {"lr": 0.003, "converged": True}, 1: {"lr": 0.003, "training_failed": True}}
+    assert per_seed_records({"best_epoch": 3}) == {-1: {"best_epoch": 3}}
+
+
+def test_stratified_probe_covers_every_class_when_rows_are_class_ordered():
+    from transferlab.diagnostics import stratified_indices
+
+    y = np.repeat(np.arange(10), 100)  # the old `images[:256]` would see 3 classes
+    idx = stratified_indices(y, 256, seed=0)
+    assert len(idx) == 256 and set(np.bincount(y[idx])) <= {25, 26}
+    assert np.array_equal(idx, stratified_indices(y, 256, seed=0))
+    assert not np.array_equal(idx, stratified_indices(y, 256, seed=1))
+
+
+def test_restore_bn_buffers_tells_statistics_from_weights(tiny_source):
+    from transferlab.checks.forgetting_exact import restore_bn_buffers
+
+    source = tiny_source.model
+    tuned = copy.deepcopy(source)
+    with torch.no_grad():
+        for m in tuned.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.add_(1.0)
+        tuned.conv_stem.weight.mul_(2.0)
+    restored = restore_bn_buffers(tuned, source)
+    assert torch.equal(restored.bn1.running_mean, source.bn1.running_mean)
+    assert torch.equal(restored.conv_stem.weight, tuned.conv_stem.weight)  # weights stay fine-tuned
+    assert not torch.equal(tuned.bn1.running_mean, source.bn1.running_mean)  # the input is not modified
+
+
+def test_resolution_remedy_features_at_a_larger_size(tiny_source, tiny_data):
+    from transferlab.checks.resolution import features_at, probe_predictions
+
+    m = tiny_source.model
+    small = {s: features_at(m, im, (0.5,) * 3, (0.5,) * 3, 32) for s, im in tiny_data["images"].items()}
+    big = {s: features_at(m, im, (0.5,) * 3, (0.5,) * 3, 64) for s, im in tiny_data["images"].items()}
+    assert small["train"].shape == big["train"].shape and not np.allclose(small["train"], big["train"])
+    pred = probe_predictions(big, tiny_data["labels"], seed=0)
+    assert pred["test"].shape == tiny_data["labels"]["test"].shape

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 
@@ -45,10 +46,10 @@ def labels() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_bootstrap_better_predictor_has_interval_above_zero(labels, metric):
     y, good, bad = labels
     res = paired_bootstrap_gain(y, good, bad, metric=metric, n_bootstrap=500)
-    assert set(res) == {"gain", "ci_low", "ci_high", "p_value_gain_le_0"}
+    assert set(res) == {"gain", "ci_low", "ci_high", "prob_gain_le_0"}
     assert res["gain"] > 0.2
     assert 0.0 < res["ci_low"] < res["gain"] < res["ci_high"]
-    assert res["p_value_gain_le_0"] == 0.0
+    assert res["prob_gain_le_0"] == 0.0
 
 
 def test_bootstrap_accuracy_gain_matches_full_set(labels):
@@ -64,7 +65,7 @@ def test_bootstrap_equally_good_predictors_interval_contains_zero():
     b = _noisy_predictions(y, 0.75, 3, rng)
     res = paired_bootstrap_gain(y, a, b, n_bootstrap=1000)
     assert res["ci_low"] < 0.0 < res["ci_high"]
-    assert 0.05 < res["p_value_gain_le_0"] < 0.95
+    assert 0.05 < res["prob_gain_le_0"] < 0.95
 
 
 @pytest.mark.parametrize("metric", ["accuracy", "macro_f1"])
@@ -73,7 +74,7 @@ def test_bootstrap_identical_predictors_give_degenerate_zero_interval(labels, me
     res = paired_bootstrap_gain(y, good, good.copy(), metric=metric, n_bootstrap=300)
     assert res["gain"] == 0.0
     assert res["ci_low"] == 0.0 and res["ci_high"] == 0.0
-    assert res["p_value_gain_le_0"] == 1.0
+    assert res["prob_gain_le_0"] == 1.0
 
 
 @pytest.mark.parametrize("metric", ["accuracy", "macro_f1"])
@@ -84,7 +85,7 @@ def test_bootstrap_swapping_predictors_mirrors_the_result(labels, metric):
     assert ba["gain"] == pytest.approx(-ab["gain"], abs=1e-12)
     assert ba["ci_low"] == pytest.approx(-ab["ci_high"], abs=1e-9)
     assert ba["ci_high"] == pytest.approx(-ab["ci_low"], abs=1e-9)
-    assert ba["p_value_gain_le_0"] == 1.0
+    assert ba["prob_gain_le_0"] == 1.0
 
 
 def test_bootstrap_is_deterministic_per_seed(labels):
@@ -139,7 +140,7 @@ def test_bootstrap_resampled_macro_f1_matches_sklearn_per_resample():
     res = paired_bootstrap_gain(y, a, b, metric="macro_f1", n_bootstrap=40, confidence=0.9, seed=9)
     assert res["ci_low"] == pytest.approx(np.quantile(gains, 0.05), abs=1e-12)
     assert res["ci_high"] == pytest.approx(np.quantile(gains, 0.95), abs=1e-12)
-    assert res["p_value_gain_le_0"] == pytest.approx(np.mean(gains <= 0))
+    assert res["prob_gain_le_0"] == pytest.approx(np.mean(gains <= 0))
 
 
 @pytest.mark.parametrize(
@@ -265,7 +266,61 @@ def test_mmd_statistic_and_bandwidth_match_brute_force():
     res = mmd_permutation_test(x, y, n_permutations=20)
     assert res["bandwidth"] == pytest.approx(sigma)
     assert res["mmd2"] == pytest.approx(kxx + kyy - 2 * kxy, abs=1e-12)
-    assert 1 / 21 <= res["p_value"] <= 1.0
+
+
+def _brute_mmd2(z: np.ndarray, x_rows, sigma: float) -> float:
+    """Unbiased MMD^2 by explicit loops: the rows in `x_rows` are one sample, the others the second."""
+    xs = [z[i] for i in x_rows]
+    ys = [z[i] for i in range(len(z)) if i not in set(x_rows)]
+
+    def k(p, q):
+        return math.exp(-np.sum((p - q) ** 2) / (2 * sigma**2))
+
+    m, n = len(xs), len(ys)
+    kxx = sum(k(xs[i], xs[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    kyy = sum(k(ys[i], ys[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    kxy = sum(k(p, q) for p in xs for q in ys) / (m * n)
+    return kxx + kyy - 2 * kxy
+
+
+def test_mmd_p_value_equals_an_independent_permutation_null():
+    """The p-value against a brute-force null: (i) the same random relabelings, each statistic recomputed by
+    loops, give exactly the same count; (ii) the Monte-Carlo p-value converges to the exact p-value over
+    all C(7, 4) = 35 splits."""
+    rng = np.random.default_rng(14)
+    x, y = rng.normal(size=(4, 2)), rng.normal(size=(3, 2)) + 0.8
+    z = np.vstack([x, y])
+    sigma = 1.3
+    observed = _brute_mmd2(z, range(4), sigma)
+    b = 300
+    res = mmd_permutation_test(x, y, n_permutations=b, seed=5, bandwidth=sigma)
+    assert res["mmd2"] == pytest.approx(observed, abs=1e-12)
+    perm_rng = np.random.default_rng(5)  # no subsampling at this size: the stream is the relabelings only
+    count = sum(_brute_mmd2(z, list(perm_rng.permutation(7)[:4]), sigma) >= observed - 1e-12 for _ in range(b))
+    assert res["p_value"] == (count + 1) / (b + 1)
+
+    splits = list(itertools.combinations(range(7), 4))
+    exact = np.mean([_brute_mmd2(z, list(s), sigma) >= observed - 1e-12 for s in splits])
+    many = mmd_permutation_test(x, y, n_permutations=4000, seed=6, bandwidth=sigma)
+    assert 0 < exact < 0.5  # a shift the test can see, but not every split is less extreme
+    assert many["p_value"] == pytest.approx(exact, abs=0.03)  # 4 binomial standard errors at B = 4000
+
+
+def test_mmd_p_values_are_uniform_under_the_null_and_minimal_for_a_clear_shift():
+    rng = np.random.default_rng(15)
+    same = np.array(
+        [
+            mmd_permutation_test(rng.normal(size=(12, 2)), rng.normal(size=(12, 2)), n_permutations=99, seed=i)[
+                "p_value"
+            ]
+            for i in range(200)
+        ]
+    )
+    # Uniform on {1/100, ..., 1}: mean 0.505, P(p <= 0.05) = 0.05; bounds are about 4 standard errors.
+    assert 0.42 < same.mean() < 0.59
+    assert 0.005 <= np.mean(same <= 0.05) <= 0.12
+    shifted = mmd_permutation_test(rng.normal(size=(30, 2)), rng.normal(size=(30, 2)) + 4.0, n_permutations=99)
+    assert shifted["p_value"] == 1 / 100
 
 
 def test_mmd_rejects_bad_inputs():

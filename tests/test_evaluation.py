@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from transferlab.baselines import raw_pixel_logreg
-from transferlab.comparison import compare_to_baseline, verdict
+from transferlab.comparison import compare_to_baseline, equal_compute, seed_sample_bootstrap_gain, verdict
 from transferlab.evaluation import classification_metrics, expected_calibration_error
 
 
@@ -30,33 +30,139 @@ def test_ece_zero_when_confidence_matches_accuracy():
     assert expected_calibration_error(overconfident, y) == pytest.approx(0.25)
 
 
+def _train(converged=True, failed=False, val=0.5):
+    return {"converged": converged, "training_failed": failed, "best_val_accuracy_mean": val, "lr": 0.001}
+
+
+def _compare(y, preds, train, **kw):
+    metrics = {n: {"test_accuracy": float((p == y).mean()), "macro_f1": 0.0} for n, p in preds.items()}
+    metrics["raw"] = {"test_accuracy": 0.5, "macro_f1": 0.0, "best_val_accuracy_mean": kw.pop("raw_val", 0.1)}
+    preds = {**preds, "raw": preds["scratch"]}
+    return compare_to_baseline(
+        y,
+        preds,
+        metrics,
+        {**train, "raw": None},
+        {},
+        "scratch",
+        classical="raw",
+        n_bootstrap=500,
+        confidence=0.95,
+        seed=0,
+        **kw,
+    )
+
+
 def test_compare_flags_better_worse_and_inconclusive():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 600)
-    good = np.where(rng.random(600) < 0.9, y, (y + 1) % 3)
-    base = np.where(rng.random(600) < 0.6, y, (y + 1) % 3)
-    same = base.copy()
-    preds = {"scratch": base, "good": good, "same": same}
-    metrics = {n: {"test_accuracy": float((p == y).mean()), "macro_f1": 0.0} for n, p in preds.items()}
-    out = compare_to_baseline(y, preds, metrics, "scratch", n_bootstrap=500, confidence=0.95, seed=0)
+    good = np.where(rng.random((2, 600)) < 0.9, y, (y + 1) % 3)
+    base = np.where(rng.random((2, 600)) < 0.6, y, (y + 1) % 3)
+    preds = {"scratch": base, "good": good, "same": base.copy()}
+    train = {"scratch": _train(val=0.6), "good": _train(val=0.9), "same": _train(val=0.6)}
+    out = _compare(y, preds, train)
     assert out["strategies"]["good"]["verdict"] == "better"
     assert out["strategies"]["good"]["gain_vs_scratch"]["accuracy"]["ci_low"] > 0.2
     assert out["strategies"]["same"]["verdict"] == "inconclusive"
     assert "gain_vs_scratch" not in out["strategies"]["scratch"]
-    assert out["best_strategy"] == "good"
+    assert out["recommendation"]["choice"] == "good"
     assert verdict(-0.2, -0.1) == "worse"
     with pytest.raises(KeyError, match="has no predictions"):
-        compare_to_baseline(y, {"good": good}, metrics, "scratch", n_bootstrap=100, confidence=0.95, seed=0)
+        compare_to_baseline(
+            y, {"good": good}, {}, {}, {}, "scratch", classical="raw", n_bootstrap=100, confidence=0.95, seed=0
+        )
 
 
-def test_raw_pixel_baseline_learns_separable_images(tiny_data):
-    proba = raw_pixel_logreg(
-        tiny_data["images"]["train"],
-        tiny_data["labels"]["train"],
-        tiny_data["images"]["test"],
-        C=1.0,
-        max_iter=200,
-        seed=0,
+def test_no_verdict_for_under_trained_or_failed_runs():
+    """A clear gain still gets no better/worse verdict when either side did not converge or failed."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 400)
+    good = np.where(rng.random((2, 400)) < 0.95, y, (y + 1) % 3)
+    base = np.where(rng.random((2, 400)) < 0.4, y, (y + 1) % 3)
+    preds = {"scratch": base, "good": good}
+    out = _compare(y, preds, {"scratch": _train(converged=False), "good": _train(val=0.9)})
+    assert out["strategies"]["good"]["verdict"] == "inconclusive (under-trained: scratch)"
+    out = _compare(y, preds, {"scratch": _train(), "good": _train(failed=True, val=0.9)})
+    assert out["strategies"]["good"]["verdict"] == "inconclusive (training failed: good)"
+    # The failed model is never recommended, whatever its validation accuracy.
+    assert out["recommendation"]["choice"] != "good"
+
+
+def test_recommendation_is_chosen_on_validation_and_can_be_the_baseline():
+    """Test accuracy must not drive the choice: 'lucky' is best on test but worse on validation."""
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 300)
+    lucky = np.where(rng.random((2, 300)) < 0.95, y, (y + 1) % 3)
+    steady = np.where(rng.random((2, 300)) < 0.7, y, (y + 1) % 3)
+    preds = {"scratch": steady, "lucky": lucky}
+    out = _compare(y, preds, {"scratch": _train(val=0.8), "lucky": _train(val=0.5)})
+    assert out["recommendation"]["choice"] == "scratch"
+    out = _compare(y, preds, {"scratch": _train(val=0.8), "lucky": _train(val=0.5)}, raw_val=0.85)
+    assert out["recommendation"]["choice"] == "raw" and out["recommendation"]["classical_baseline_wins"]
+    assert out["recommendation"]["reason"].startswith("use the baseline; transfer does not pay here")
+
+
+def test_seed_bootstrap_matches_a_brute_force_computation():
+    """The interval resamples seeds and samples: an independent loop over the same random draws agrees,
+    and with seed-to-seed spread the interval is wider than the samples-only interval."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 4, 200)
+    a = np.stack([np.where(rng.random(200) < p, y, (y + 1) % 4) for p in (0.55, 0.85)])  # a lucky seed
+    b = np.stack([np.where(rng.random(200) < 0.6, y, (y + 2) % 4) for _ in range(2)])
+    out = seed_sample_bootstrap_gain(y, a, b, metric="accuracy", n_bootstrap=300, confidence=0.9, seed=7)
+    draws = np.random.default_rng(7)
+    gains = []
+    for _ in range(300):
+        idx = draws.integers(0, 200, 200)
+        sa, sb = draws.integers(0, 2, 2), draws.integers(0, 2, 2)
+        acc_a = np.mean([(a[k][idx] == y[idx]).mean() for k in sa])
+        acc_b = np.mean([(b[k][idx] == y[idx]).mean() for k in sb])
+        gains.append(acc_a - acc_b)
+    lo, hi = np.quantile(gains, [0.05, 0.95])
+    assert out["ci_low"] == pytest.approx(lo) and out["ci_high"] == pytest.approx(hi)
+    assert out["prob_gain_le_0"] == pytest.approx(np.mean(np.asarray(gains) <= 0))
+    assert out["gain"] == pytest.approx((a == y).mean() - (b == y).mean())
+    one_seed = seed_sample_bootstrap_gain(y, a[1:], b[:1], metric="accuracy", n_bootstrap=300, confidence=0.9, seed=7)
+    assert (out["ci_high"] - out["ci_low"]) > (one_seed["ci_high"] - one_seed["ci_low"])
+
+
+def test_macro_f1_bootstrap_point_matches_sklearn():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 5, 300)
+    a = np.where(rng.random(300) < 0.7, y, rng.integers(0, 5, 300))[None]
+    b = np.where(rng.random(300) < 0.5, y, rng.integers(0, 5, 300))[None]
+    out = seed_sample_bootstrap_gain(y, a, b, metric="macro_f1", n_bootstrap=50, confidence=0.95, seed=0)
+    want = f1_score(y, a[0], average="macro") - f1_score(y, b[0], average="macro")
+    assert out["gain"] == pytest.approx(want)
+
+
+def test_equal_compute_reads_the_scratch_curve():
+    strategy = [
+        [
+            {"epoch": 1, "train_gflops": 10.0, "val_accuracy": 0.7},
+            {"epoch": 2, "train_gflops": 20.0, "val_accuracy": 0.8},
+        ]
+    ]
+    scratch = [
+        [{"epoch": e, "train_gflops": 8.0 * e, "val_accuracy": a} for e, a in enumerate([0.3, 0.5, 0.7, 0.82], 1)]
+    ]
+    ec = equal_compute(strategy, scratch)
+    assert ec["strategy_gflops"] == 20.0 and ec["strategy_val_accuracy"] == 0.8
+    assert ec["scratch_val_accuracy_at_that_compute"] == 0.5  # epochs 1-2 (16 GFLOPs) fit within 20
+    assert ec["scratch_gflops_to_match"] == 32.0
+    never = [[{"epoch": 1, "train_gflops": 30.0, "val_accuracy": 0.4}]]
+    ec = equal_compute(strategy, never)
+    assert ec["scratch_val_accuracy_at_that_compute"] is None and ec["scratch_gflops_to_match"] is None
+
+
+def test_raw_pixel_baseline_chooses_C_on_validation(tiny_data):
+    val_proba, proba, search = raw_pixel_logreg(
+        tiny_data["images"], tiny_data["labels"], C_grid=[1.0, 1e-6], max_iter=200, seed=0
     )
-    assert proba.shape == (18, 3)
+    assert proba.shape == (18, 3) and val_proba.shape == (12, 3)
     assert (proba.argmax(1) == tiny_data["labels"]["test"]).mean() > 0.9
+    assert [g["C"] for g in search["grid"]] == [1e-6, 1.0]
+    best = max(search["grid"], key=lambda g: g["val_accuracy"])["val_accuracy"]
+    assert search["val_accuracy"] == best

@@ -87,3 +87,20 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_estimator_names_match_the_registry():
+    # params.py lists the names so that validating params does not import scikit-learn.
+    from transferlab.params import ESTIMATOR_NAMES
+    from transferlab.transferability import ESTIMATORS
+
+    assert sorted(ESTIMATOR_NAMES) == sorted(ESTIMATORS), (
+        "transferlab.params.ESTIMATOR_NAMES must list exactly the registered estimators"
+    )
+
+
+def test_unknown_estimator_lists_the_valid_names():
+    raw = _default()
+    raw.setdefault("score", {})["select_by"] = "logmee"
+    with pytest.raises(ParamsError, match=r"score.select_by: .*unknown estimator 'logmee'.*'logme'"):
+        parse_params(raw)

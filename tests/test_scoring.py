@@ -1,11 +1,10 @@
-"""Ranking and selection of candidates, and the closing-the-loop agreement statistics."""
+"""Ranking and selection of candidates (the agreement statistics: tests/test_agreement.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from transferlab.agreement import plain_summary, rank_agreement
 from transferlab.io import write_npy
 from transferlab.scoring import score_candidates
 
@@ -41,37 +40,33 @@ def test_ranking_follows_the_estimate_and_skips_controls_and_budgets(tmp_path):
         score_candidates(tmp_path, kinds, y, estimators=["logmee"], select_by="logme", seed=0, costs=costs)
 
 
-def _correct(accuracies, n=400, seed=0):
-    rng = np.random.default_rng(seed)
-    return {k: rng.random(n) < a for k, a in accuracies.items()}
+def test_null_estimates_are_left_out_of_the_ranking_with_their_reason(tmp_path):
+    # "wide" has more dims than samples: H-score is undefined there (it would be C - 1 for any features).
+    y = _cache(tmp_path, "good", 6.0, 0)
+    _cache(tmp_path, "okay", 1.5, 1)
+    rng = np.random.default_rng(5)
+    write_npy(tmp_path / "wide" / "train_features.npy", rng.normal(size=(60, 100)).astype(np.float32))
+    kinds = {"good": "packaged", "okay": "packaged", "wide": "packaged"}
+    out = score_candidates(tmp_path, kinds, y, estimators=["hscore", "logme"], select_by="hscore", seed=0, costs={})
+    assert out["ranking"] == ["good", "okay"]
+    assert "saturates" in out["unranked"]["wide"] and "wide" in out["excluded"]
+    row = out["candidates"]["wide"]
+    assert row["hscore"] is None and row["rank"] is None and "saturates" in row["undefined"]["hscore"]
+    assert isinstance(row["logme"], float)
+    assert "leep" not in out["definitions"] and set(out["definitions"]) == {"hscore", "logme"}
 
 
-def test_agreement_is_strong_when_estimates_order_well_separated_accuracies():
-    correct = _correct({"a": 0.9, "b": 0.7, "c": 0.5, "d": 0.3})
-    r = rank_agreement({"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0}, correct, n_bootstrap=300)
-    assert r["weighted_tau"] == pytest.approx(1.0) and r["spearman"] == pytest.approx(1.0)
-    assert r["pairs_resolved"] == r["pairs_total"] == 6 and r["verdict"] == "strong"
-
-
-def test_reversed_estimates_are_weak():
-    correct = _correct({"a": 0.9, "b": 0.7, "c": 0.5, "d": 0.3})
-    r = rank_agreement({"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}, correct, n_bootstrap=300)
-    assert r["weighted_tau"] == pytest.approx(-1.0) and r["verdict"] == "weak"
-
-
-def test_indistinguishable_accuracies_are_called_noise():
-    base = np.random.default_rng(1).random(200) < 0.8
-    correct = {}
-    for i, k in enumerate("abcd"):  # the same predictions up to one or two flipped samples each
-        c = base.copy()
-        c[i * 3 : i * 3 + 1 + i % 2] ^= True
-        correct[k] = c
-    r = rank_agreement({"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0}, correct, n_bootstrap=300)
-    assert r["pairs_resolved"] == 0
-    assert r["weighted_tau_ci"][0] < 0 < r["weighted_tau_ci"][1]
-    assert "noise" in plain_summary({"x": r}, "linear_probe")
-
-
-def test_agreement_needs_three_candidates():
-    with pytest.raises(ValueError, match="at least 3"):
-        rank_agreement({"a": 1.0, "b": None, "c": 2.0}, _correct({"a": 0.5, "b": 0.5, "c": 0.5}))
+def test_definitions_tell_the_cross_validated_probe_from_the_trained_one(tmp_path):
+    y = _cache(tmp_path, "good", 6.0, 0)
+    _cache(tmp_path, "okay", 1.5, 1)
+    out = score_candidates(
+        tmp_path,
+        {"good": "packaged", "okay": "packaged"},
+        y,
+        estimators=["linear_probe_accuracy"],
+        select_by="linear_probe_accuracy",
+        seed=0,
+        costs={},
+    )
+    text = out["definitions"]["linear_probe_accuracy"]
+    assert "cross-validated" in text and "train split only" in text and "train@linear_probe" in text

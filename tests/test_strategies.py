@@ -68,7 +68,7 @@ def test_unknown_strategy_lists_valid_names():
 def test_strategy_trains_saves_and_reloads_exactly(name, tiny_source, tiny_data, tmp_path):
     strategy, cfg, result = _train(name, tiny_source, tiny_data)
     row = result.history[0]
-    assert set(row) == {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"}
+    assert set(row) == {"epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "grad_norm"}
     assert all(np.isfinite(v) for v in row.values())
     assert 0 < result.trainable_params <= result.total_params
     logits = _test_logits(result.model, tiny_source, tiny_data)

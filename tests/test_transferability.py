@@ -10,6 +10,7 @@ import pytest
 from transferlab.transferability import (
     ESTIMATORS,
     Estimator,
+    UndefinedEstimate,
     get_estimator,
     hscore,
     hscore_shrinkage,
@@ -20,6 +21,8 @@ from transferlab.transferability import (
     nce,
     register_estimator,
     score_all,
+    score_all_with_reasons,
+    sfda,
 )
 
 FEATURE_ESTIMATORS = sorted(n for n, e in ESTIMATORS.items() if e.needs == "features")
@@ -79,10 +82,62 @@ def test_hscore_hand_computed_1d():
     f = np.array([[0.0], [2.0], [4.0], [6.0]])
     y = np.array([0, 0, 1, 1])
     assert hscore(f, y, seed=0) == pytest.approx(0.8, abs=1e-12)
-    # In 1-D the Ledoit-Wolf target (mean variance times I) equals the sample covariance, so the shrinkage
-    # H-score is bounded by the plain one and equal to it when no shrinkage is applied.
-    shrunk = hscore_shrinkage(f, y, seed=0)
-    assert 0.0 <= shrunk <= 0.8 + 1e-12
+
+
+def test_hscore_matches_the_pseudo_inverse_definition():
+    # The SVD form ||M U||^2 must equal tr(pinv(cov f) cov(E[f|y])) computed directly, on correlated features.
+    rng = np.random.default_rng(11)
+    x, y = blobs(1.0, n=50, d=4, seed=3)
+    x = x @ rng.normal(size=(4, 4))
+    f = x - x.mean(axis=0)
+    g = np.stack([f[y == c].mean(axis=0) for c in range(3)])[y]
+    expected = np.trace(np.linalg.pinv(f.T @ f / 50) @ (g.T @ g / 50))
+    assert hscore(x, y, seed=0) == pytest.approx(expected, rel=1e-10)
+
+
+def test_hscore_is_null_with_a_reason_when_the_features_span_every_labelling():
+    # Gaussian noise with d > n: rank(centred features) = n - 1, so H-score would be C - 1 = 9 whatever the
+    # features are. The estimator refuses, and score_all reports a null with the reason.
+    rng = np.random.default_rng(12)
+    x, y = rng.normal(size=(200, 400)), np.arange(200) % 10
+    with pytest.raises(UndefinedEstimate, match=r"rank\(features\)=199 >= n-1=199.*saturates at C-1=9"):
+        hscore(x, y, seed=0)
+    values, reasons = score_all_with_reasons(x, y, None, seed=0, names=["hscore", "logme"])
+    assert values["hscore"] is None and "saturates" in reasons["hscore"]
+    assert isinstance(values["logme"], float) and "logme" not in reasons
+    # A low-dimensional informative case still gives a number, far from the saturation value.
+    x_low, y_low = blobs(2.0, n=200, d=5, n_classes=10, seed=1)
+    value = hscore(x_low, y_low, seed=0)
+    assert math.isfinite(value) and 0.0 < value < 5.0
+
+
+def _ledoit_wolf_hscore_reference(x: np.ndarray, y: np.ndarray) -> float:
+    """Shrinkage H-score from the formulas of Ledoit & Wolf (2004, Lemma 3.3) and Ibrahim et al., written out."""
+    n, d = x.shape
+    f = x - x.mean(axis=0)
+    s = f.T @ f / n
+    mu = np.trace(s) / d
+    delta = np.sum((s - mu * np.eye(d)) ** 2) / d  # d_n^2, Frobenius norm scaled by 1/d
+    beta = sum(np.sum((np.outer(r, r) - s) ** 2) for r in f) / d / n**2  # bbar_n^2
+    alpha = min(beta, delta) / delta
+    cov = (1 - alpha) * s + alpha * mu * np.eye(d)
+    classes = np.unique(y)
+    g = np.zeros_like(f)
+    for c in classes:
+        g[y == c] = f[y == c].mean(axis=0)
+    return float(np.trace(np.linalg.inv(cov) @ ((1 - alpha) * g.T @ g / n)))
+
+
+@pytest.mark.parametrize(("n", "d", "dist"), [(30, 3, 1.0), (40, 25, 0.5), (12, 20, 2.0)])
+def test_hscore_shrinkage_matches_a_hand_written_ledoit_wolf_reference(n, d, dist):
+    x, y = blobs(dist, n=n, d=d, seed=4)
+    assert hscore_shrinkage(x, y, seed=0) == pytest.approx(_ledoit_wolf_hscore_reference(x, y), rel=1e-9)
+
+
+def test_hscore_shrinkage_scores_class_separated_features_above_noise_even_when_d_exceeds_n():
+    x_sep, y = blobs(3.0, n=60, d=100, seed=5)
+    x_noise, _ = blobs(0.0, n=60, d=100, seed=5)
+    assert hscore_shrinkage(x_sep, y, seed=0) > 1.5 * hscore_shrinkage(x_noise, y, seed=0)
 
 
 def test_hscore_shrinkage_equals_hscore_without_shrinkage_on_many_samples():
@@ -128,7 +183,7 @@ def test_leep_and_nce_are_nonpositive_on_random_inputs():
     assert nce(logits, y, seed=0) < 0.0
 
 
-PERMUTATION_INVARIANT = ["logme", "hscore", "hscore_shrinkage", "knn_accuracy", "linear_probe_accuracy"]
+PERMUTATION_INVARIANT = ["logme", "hscore", "hscore_shrinkage", "knn_accuracy", "linear_probe_accuracy", "sfda"]
 
 
 @pytest.mark.parametrize("name", PERMUTATION_INVARIANT)
@@ -147,7 +202,7 @@ def test_invariant_to_relabelling_classes(name):
     assert fn(x, relabel[y], seed=7) == pytest.approx(fn(x, y, seed=7), rel=1e-9, abs=1e-12)
 
 
-@pytest.mark.parametrize("name", ["logme", "hscore"])
+@pytest.mark.parametrize("name", ["logme", "hscore", "sfda"])
 def test_rises_with_class_separation(name):
     fn = get_estimator(name).fn
     scores = [fn(*blobs(dist, seed=0), seed=0) for dist in (0.0, 1.0, 2.0, 4.0)]
@@ -251,6 +306,7 @@ def test_registry_contents():
         "hscore_shrinkage",
         "knn_accuracy",
         "linear_probe_accuracy",
+        "sfda",
     }
     assert LOGIT_ESTIMATORS == ["leep", "nce"]
     for name, est in ESTIMATORS.items():
@@ -259,6 +315,8 @@ def test_registry_contents():
         assert est.paper
         assert est.higher_is_better
         assert est.fn.__doc__ and "Raises" in est.fn.__doc__
+        assert est.definition
+    assert "train@linear_probe" in get_estimator("linear_probe_accuracy").definition
     assert get_estimator("logme").fn is logme
 
 
@@ -281,13 +339,23 @@ def test_every_estimator_copes_with_a_singleton_class_and_float32(name):
     assert math.isfinite(value)
 
 
+SATURATE_WHEN_D_EXCEEDS_N = {"hscore", "sfda"}  # they refuse (UndefinedEstimate) rather than report C - 1 / 1.0
+
+
 @pytest.mark.parametrize("name", FEATURE_ESTIMATORS)
 def test_feature_estimators_cope_with_more_dims_than_samples_and_constant_columns(name):
     rng = np.random.default_rng(8)
     y = np.arange(12) % 2
     x = rng.normal(size=(12, 40)) + 2.0 * y[:, None]
     x[:, 5] = 3.0  # a constant column
-    assert math.isfinite(get_estimator(name).fn(x, y, seed=0))
+    fn = get_estimator(name).fn
+    if name in SATURATE_WHEN_D_EXCEEDS_N:
+        with pytest.raises(UndefinedEstimate, match="saturates"):
+            fn(x, y, seed=0)
+    else:
+        assert math.isfinite(fn(x, y, seed=0))
+    x_low = x[:, :6]  # fewer dims than samples, the constant column included: every estimator gives a number
+    assert math.isfinite(fn(x_low, y, seed=0))
 
 
 def test_score_all_runs_everything_and_skips_logit_estimators_without_logits():
@@ -344,3 +412,75 @@ def test_accuracies_use_standardized_features(name):
     scale = np.array([1e4, 1e-3, 1.0, 50.0])
     fn = get_estimator(name).fn
     assert fn(x * scale + 7.0, y, seed=0) == pytest.approx(fn(x, y, seed=0))
+
+
+# ----------------------------------------------------------------------------------------------- SFDA
+
+
+def _sfda_reference(x: np.ndarray, y: np.ndarray) -> float:
+    """SFDA as the paper states it, in the d x d primal: scatter matrices, shrinkage, generalised eigenproblem
+    S_b v = e S_w~ v over all d eigenvectors, ConfMix, refit. The largest eigenvalue of S_w is exact here."""
+    from scipy.linalg import eigh
+
+    x = x.astype(float).copy()
+    n, d = x.shape
+    n_classes = int(y.max()) + 1
+
+    def fit(x: np.ndarray, lam: float | None) -> tuple[np.ndarray, float]:
+        priors = np.bincount(y) / n
+        means = np.stack([x[y == c].mean(axis=0) for c in range(n_classes)])
+        s_w = sum(priors[c] * np.cov(x[y == c].T, bias=True).reshape(d, d) for c in range(n_classes))
+        if lam is None:
+            lam = max(math.exp(-5 * np.linalg.eigvalsh(s_w)[-1]), 1e-10)
+
+        def shrink(m: np.ndarray) -> np.ndarray:
+            return (1 - lam) * m + lam * np.trace(m) / d * np.eye(d)
+
+        s_w_shrunk = shrink(s_w)
+        s_b = shrink(np.cov(x.T, bias=True).reshape(d, d)) - s_w_shrunk
+        _, v = eigh(s_b, s_w_shrunk)
+        coef = means @ v @ v.T
+        logits = x @ coef.T - 0.5 * np.sum(means * coef, axis=1) + np.log(priors)
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return p / p.sum(axis=1, keepdims=True), lam
+
+    p, lam = fit(x, None)
+    p = np.exp(p) / np.exp(p).sum(axis=1, keepdims=True)
+    means = np.stack([x[y == c].mean(axis=0) for c in range(n_classes)])
+    others = (means.sum(axis=0) - means) / (n_classes - 1)
+    for c in range(n_classes):
+        i = y == c
+        x[i] = p[i, c : c + 1] * x[i] + (1 - p[i, c : c + 1]) * others[c]
+    p, _ = fit(x, lam)
+    return float(p[np.arange(n), y].mean())
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "n_classes", "scale"),
+    [(60, 4, 3, 0.3), (90, 5, 3, 0.1), (40, 8, 4, 1.0), (200, 6, 5, 0.05)],  # small scales: real shrinkage
+)
+def test_sfda_matches_the_primal_generalised_eigenproblem(n, d, n_classes, scale):
+    x, y = blobs(1.5, n=n, d=d, n_classes=n_classes, seed=n)
+    x = x * scale
+    assert sfda(x, y, seed=0) == pytest.approx(_sfda_reference(x, y), rel=1e-9)
+
+
+def test_sfda_invariant_to_rotation_and_shift_of_the_features():
+    x, y = blobs(1.5, n=60, d=5, seed=7)
+    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(5, 5)))
+    assert sfda(x @ q + 3.0, y, seed=0) == pytest.approx(sfda(x, y, seed=0), rel=1e-9)
+
+
+def test_sfda_is_near_chance_on_noise_and_near_one_on_separated_classes():
+    x_noise, y = blobs(0.0, n=300, d=5, n_classes=3, seed=8)
+    x_sep, _ = blobs(8.0, n=300, d=5, n_classes=3, seed=8)
+    assert sfda(x_noise, y, seed=0) < 0.45  # chance is 1/3
+    assert sfda(x_sep, y, seed=0) > 0.95
+
+
+def test_sfda_is_null_with_a_reason_when_any_labelling_separates():
+    rng = np.random.default_rng(13)
+    x, y = rng.normal(size=(200, 400)), np.arange(200) % 10
+    with pytest.raises(UndefinedEstimate, match=r"rank\(within-class scatter\)=190 >= n-C=190"):
+        sfda(x, y, seed=0)
+    assert score_all(x, y, None, seed=0, names=["sfda"]) == {"sfda": None}

@@ -1,10 +1,19 @@
 """Closing the loop: did the transferability ranking predict what training achieved, on this data?
 
-Every candidate is trained with cheap fixed recipes (a linear probe on its cached features, a short
-fine-tune); each estimate is then correlated with the achieved test accuracies (weighted Kendall tau,
-which weighs the top of the ranking most, and Spearman). With a handful of candidates and a finite test
-set, part of any ranking is noise: the paired bootstrap over test samples gives the correlation an
-interval, and counts how many candidate pairs are actually told apart by their accuracies.
+Every candidate is trained to convergence with the project's own recipes (the `linear_probe` strategy on its
+cached features, the same code path as `train@linear_probe`, once per seed; optionally a fine-tune); each
+estimate is then correlated with the achieved test accuracies (weighted Kendall tau, which weighs the top of
+the ranking most, and Spearman). With a handful of candidates, a finite test set and seed-to-seed variation,
+part of any ranking is noise: a bootstrap that resamples both the seeds and the test samples gives each
+correlation an interval and counts how many candidate pairs the accuracies actually tell apart.
+
+Two guards keep the verdicts honest:
+
+- below `min_candidates` candidates with an estimate (5 by default), a rank correlation is reported but not
+  graded: the verdict is "too few candidates to judge";
+- every estimator is set against data-free rankings (the source's published ImageNet top-1 where known, its
+  parameter count). An estimator is "useful here" only when its weighted tau beats each data-free ranking's
+  tau beyond the interval of the paired difference (same bootstrap draws, same candidates).
 """
 
 from __future__ import annotations
@@ -13,6 +22,12 @@ import warnings
 
 import numpy as np
 from scipy.stats import spearmanr, weightedtau
+
+TOO_FEW = "too few candidates to judge"
+
+# Published ImageNet top-1 (%) of the packaged sources: the TF EfficientNet-Lite release
+# (tensorflow/tpu, models/official/efficientnet/lite/README.md). Used as a data-free ranking only.
+PUBLISHED_IMAGENET_TOP1 = {"efficientnet_lite0": 75.1, "efficientnet_lite1": 76.7, "efficientnet_lite2": 77.6}
 
 
 def _corr(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -24,62 +39,115 @@ def _corr(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         return float(weightedtau(x, y).statistic), float(spearmanr(x, y).statistic)
 
 
+def _as_runs(correct: np.ndarray) -> np.ndarray:
+    """(seeds, test samples) boolean array from one candidate's correctness (1-D: a single seed)."""
+    c = np.asarray(correct, bool)
+    return c[None, :] if c.ndim == 1 else c
+
+
+def bootstrap_accuracies(
+    correct: dict[str, np.ndarray], *, n_bootstrap: int, seed: int
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Achieved accuracies and their bootstrap replicates, resampling seeds and test samples together.
+
+    Each replicate draws the seeds with replacement and, independently, the test samples with replacement;
+    a candidate's accuracy is then the mean correctness over the drawn seeds and samples. The same draws are
+    used for every candidate (the comparison is paired).
+
+    Args:
+        correct: candidate -> boolean per test sample, ``(N,)`` or ``(S, N)`` for S seeds; the same test
+            samples and the same number of seeds for every candidate.
+        n_bootstrap: replicates.
+        seed: of the resampling.
+
+    Returns:
+        (sorted candidate names, accuracies ``(K,)``, replicates ``(n_bootstrap, K)``).
+
+    Raises:
+        ValueError: candidates with different numbers of seeds or test samples.
+    """
+    names = sorted(correct)
+    runs = [_as_runs(correct[n]) for n in names]
+    shapes = {r.shape for r in runs}
+    if len(shapes) != 1:
+        got = {n: r.shape for n, r in zip(names, runs, strict=True)}
+        raise ValueError(f"every candidate needs the same (seeds, test samples); got {got}")
+    c = np.stack(runs, axis=1).astype(np.float64)  # (S, K, N)
+    n_seeds, _, n = c.shape
+    rng = np.random.default_rng(seed)
+    boot = np.empty((n_bootstrap, len(names)))
+    for b in range(n_bootstrap):
+        seeds = rng.integers(0, n_seeds, n_seeds)
+        idx = rng.integers(0, n, n)
+        boot[b] = c[seeds][:, :, idx].mean(axis=(0, 2))
+    return names, c.mean(axis=(0, 2)), boot
+
+
+def _ci(values: np.ndarray, confidence: float) -> list[float]:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return [float("nan"), float("nan")]
+    alpha = (1 - confidence) / 2
+    return [round(float(np.quantile(v, alpha)), 6), round(float(np.quantile(v, 1 - alpha)), 6)]
+
+
+def _finite(values: dict[str, float | None], among: list[str]) -> list[str]:
+    return [n for n in among if values.get(n) is not None and np.isfinite(values[n])]
+
+
 def rank_agreement(
-    estimates: dict[str, float],
+    estimates: dict[str, float | None],
     correct: dict[str, np.ndarray],
     *,
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    min_candidates: int = 5,
+    data_free: dict[str, dict[str, float | None]] | None = None,
 ) -> dict:
     """Agreement between one estimator's scores and the achieved accuracies of the same candidates.
 
+    Candidates whose estimate is None or not finite are left out. The bootstrap resamples seeds and test
+    samples (`bootstrap_accuracies`).
+
     Args:
-        estimates: candidate -> estimator value (higher = predicted better).
-        correct: candidate -> boolean per test sample (prediction correct), same test samples for all.
-        n_bootstrap, confidence, seed: the paired bootstrap over test samples.
+        estimates: candidate -> estimator value (higher = predicted better), None when undefined.
+        correct: candidate -> boolean per test sample, ``(N,)`` or ``(S, N)`` over S seeds.
+        n_bootstrap, confidence, seed: the bootstrap.
+        min_candidates: below this many candidates with an estimate, the verdict is "too few candidates to
+            judge" (the numbers are still reported).
+        data_free: name -> {candidate: value or None}: data-free rankings the estimator must beat to be
+            called useful here; compared on the candidates both rank, with the same bootstrap draws.
 
     Returns:
-        {weighted_tau, spearman, weighted_tau_ci: [lo, hi], spearman_ci: [lo, hi], pairs_resolved,
-         pairs_total, verdict, n_candidates}; verdict is 'strong', 'moderate', 'weak' or 'undetermined'
-         (read it together with pairs_resolved: when few pairs are resolved, the order is mostly noise).
+        {n_candidates, n_seeds, weighted_tau, spearman, weighted_tau_ci, spearman_ci, pairs_resolved,
+         pairs_total, verdict, [vs_data_free, useful_here, useful_here_reason]}; verdict is 'strong',
+         'moderate', 'weak', 'undetermined' or "too few candidates to judge" (read it together with
+         pairs_resolved: when few pairs are resolved, the order is mostly noise).
 
     Raises:
         ValueError: fewer than 3 candidates with an estimate, or mismatched sample counts.
     """
-    names = sorted(n for n, v in estimates.items() if v is not None and np.isfinite(v) and n in correct)
+    names = _finite(estimates, sorted(n for n in estimates if n in correct))
     if len(names) < 3:
         raise ValueError(f"rank agreement needs at least 3 candidates with an estimate (got {names})")
-    c = np.stack([np.asarray(correct[n], bool) for n in names])  # (K, N)
+    all_names, acc_all, boot_all = bootstrap_accuracies(correct, n_bootstrap=n_bootstrap, seed=seed)
+    col = {n: i for i, n in enumerate(all_names)}
+    idx = [col[n] for n in names]
     est = np.array([estimates[n] for n in names], dtype=float)
-    acc = c.mean(1)
+    acc, boot = acc_all[idx], boot_all[:, idx]
     tau, rho = _corr(est, acc)
-    rng = np.random.default_rng(seed)
-    n = c.shape[1]
-    taus, rhos = [], []
-    diffs = np.empty((n_bootstrap, len(names), len(names)))
-    for b in range(n_bootstrap):
-        idx = rng.integers(0, n, n)
-        a = c[:, idx].mean(1)
-        t, r = _corr(est, a)
-        taus.append(t)
-        rhos.append(r)
-        diffs[b] = a[:, None] - a[None, :]
+    pairs = np.array([_corr(est, a) for a in boot])  # (B, 2)
+    diffs = boot[:, :, None] - boot[:, None, :]
     alpha = (1 - confidence) / 2
-
-    def ci(values: list[float]) -> list[float]:
-        v = np.asarray(values)
-        v = v[np.isfinite(v)]
-        if not len(v):
-            return [float("nan"), float("nan")]
-        return [round(float(np.quantile(v, alpha)), 6), round(float(np.quantile(v, 1 - alpha)), 6)]
-
-    lo = np.quantile(diffs, alpha, axis=0)
-    hi = np.quantile(diffs, 1 - alpha, axis=0)
+    lo, hi = np.quantile(diffs, alpha, axis=0), np.quantile(diffs, 1 - alpha, axis=0)
     iu = np.triu_indices(len(names), 1)
     resolved = int(((lo[iu] > 0) | (hi[iu] < 0)).sum())
-    tau_ci = ci(taus)
-    if not np.isfinite(tau):
+    tau_ci = _ci(pairs[:, 0], confidence)
+    if len(names) < min_candidates:
+        verdict = TOO_FEW
+    elif not np.isfinite(tau):
         verdict = "undetermined"
     elif tau_ci[0] > 0.5:
         verdict = "strong"
@@ -87,34 +155,162 @@ def rank_agreement(
         verdict = "moderate"
     else:
         verdict = "weak"
-    return {
+    out = {
         "n_candidates": len(names),
+        "n_seeds": int(_as_runs(correct[names[0]]).shape[0]),
         "weighted_tau": round(tau, 6),
         "spearman": round(rho, 6),
         "weighted_tau_ci": tau_ci,
-        "spearman_ci": ci(rhos),
+        "spearman_ci": _ci(pairs[:, 1], confidence),
         "pairs_resolved": resolved,
         "pairs_total": len(iu[0]),
         "verdict": verdict,
     }
+    if data_free is None:
+        return out
+    versus: dict[str, dict] = {}
+    for base_name, base in sorted(data_free.items()):
+        common = _finite(base, names)
+        if len(common) < max(min_candidates, 3):
+            versus[base_name] = {"n_candidates": len(common), "verdict": TOO_FEW, "beats": None}
+            continue
+        ci_idx = [col[n] for n in common]
+        e = np.array([estimates[n] for n in common], dtype=float)
+        v = np.array([base[n] for n in common], dtype=float)
+        diff = _corr(e, acc_all[ci_idx])[0] - _corr(v, acc_all[ci_idx])[0]
+        boot_diff = np.array([_corr(e, a)[0] - _corr(v, a)[0] for a in boot_all[:, ci_idx]])
+        ci = _ci(boot_diff, confidence)
+        versus[base_name] = {
+            "n_candidates": len(common),
+            "weighted_tau_difference": round(float(diff), 6),
+            "weighted_tau_difference_ci": ci,
+            "beats": bool(np.isfinite(ci[0]) and ci[0] > 0),
+        }
+    judged = {k: v["beats"] for k, v in versus.items() if v["beats"] is not None}
+    if verdict == TOO_FEW:
+        useful, why = False, TOO_FEW
+    elif not judged:
+        useful, why = False, "no data-free ranking covers enough of the same candidates to compare against"
+    elif all(judged.values()):
+        useful, why = True, f"beats {', '.join(sorted(judged))} beyond the interval of the difference"
+    else:
+        lost = sorted(k for k, b in judged.items() if not b)
+        useful, why = False, f"does not beat {', '.join(lost)} beyond the interval of the difference"
+    out.update(vs_data_free=versus, useful_here=useful, useful_here_reason=why)
+    return out
 
 
-def plain_summary(per_estimator: dict[str, dict], recipe: str) -> str:
-    """One sentence a person reads: which estimates predicted the achieved order, and how sure that is."""
-    if not per_estimator:
-        return f"{recipe}: no estimator could be compared."
-    best = max(per_estimator, key=lambda k: np.nan_to_num(per_estimator[k]["weighted_tau"], nan=-9))
-    r = per_estimator[best]
+def data_free_rankings(
+    candidates: list[str], score_rows: dict[str, dict], imagenet_top1: dict[str, float]
+) -> dict[str, dict[str, float | None]]:
+    """Rankings that need no target data: published ImageNet top-1 where known, and the parameter count.
+
+    Args:
+        candidates: candidate names.
+        score_rows: `metrics/score.json`'s `candidates` (the parameter count is its `params`).
+        imagenet_top1: source name -> published ImageNet top-1 (%); the others are unknown (None).
+
+    Returns:
+        {'imagenet_top1': {name: value or None}, 'params': {name: value or None}}.
+    """
+    return {
+        "imagenet_top1": {n: imagenet_top1.get(n) for n in candidates},
+        "params": {n: score_rows.get(n, {}).get("params") for n in candidates},
+    }
+
+
+def recipe_agreement(
+    estimates: dict[str, dict[str, float | None]],
+    correct: dict[str, np.ndarray],
+    data_free: dict[str, dict[str, float | None]],
+    *,
+    recipe: str,
+    not_converged: list[str] | None = None,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    min_candidates: int = 5,
+) -> dict:
+    """Every estimator and every data-free ranking against one recipe's achieved accuracies.
+
+    Args:
+        estimates: estimator -> {candidate: value or None}.
+        correct: candidate -> correctness per test sample, ``(N,)`` or ``(S, N)`` over S seeds.
+        data_free: see `data_free_rankings`.
+        recipe: name used in the summary.
+        not_converged: candidates whose ground-truth training hit its epoch cap (for any seed).
+        n_bootstrap, confidence, seed, min_candidates: see `rank_agreement`.
+
+    Returns:
+        {'test_accuracy': {candidate: mean over seeds}, 'estimators': {name: rank_agreement or
+         {'verdict', 'reason'}}, 'data_free': {name: ...}, 'not_converged': [...], 'summary': sentence}.
+    """
+    kw = {"n_bootstrap": n_bootstrap, "confidence": confidence, "seed": seed, "min_candidates": min_candidates}
+
+    def agree(values: dict[str, float | None], against: dict | None) -> dict:
+        try:
+            return rank_agreement(values, correct, data_free=against, **kw)
+        except ValueError as exc:
+            return {"verdict": "undetermined", "reason": str(exc)}
+
+    per_est = {name: agree(values, data_free) for name, values in estimates.items()}
+    baselines = {name: agree(values, None) for name, values in sorted(data_free.items())}
+    return {
+        "test_accuracy": {n: round(float(_as_runs(c).mean()), 6) for n, c in sorted(correct.items())},
+        "estimators": per_est,
+        "data_free": baselines,
+        "not_converged": sorted(not_converged or []),
+        "summary": plain_summary(per_est, recipe, baselines, not_converged),
+    }
+
+
+def plain_summary(
+    per_estimator: dict[str, dict],
+    recipe: str,
+    data_free: dict[str, dict] | None = None,
+    not_converged: list[str] | None = None,
+) -> str:
+    """One paragraph a person reads: which estimates predicted the achieved order, how sure that is, and
+    whether any did better than rankings that need no data at all."""
+    usable = {k: v for k, v in per_estimator.items() if "weighted_tau" in v}
+    tail = ""
+    if not_converged:
+        tail = f" Ground truth did not converge (hit the epoch cap) for: {', '.join(sorted(not_converged))}."
+    if not usable:
+        return f"{recipe}: no estimator could be compared.{tail}"
+    best = max(usable, key=lambda k: (np.nan_to_num(usable[k]["weighted_tau"], nan=-9), k))
+    r = usable[best]
+    base_txt = ""
+    for name, b in sorted((data_free or {}).items()):
+        if "weighted_tau" in b:
+            tau, k = b["weighted_tau"], b["n_candidates"]
+            base_txt += f" Data-free ranking by {name}: weighted tau {tau:.2f} ({k} candidates)."
+    if all(v["verdict"] == TOO_FEW for v in usable.values()):
+        most = max(v["n_candidates"] for v in usable.values())
+        return (
+            f"{recipe}: {TOO_FEW} (at most {most} candidates with an estimate): the rank correlations are "
+            f"reported but not graded; best weighted tau {r['weighted_tau']:.2f} from {best}.{base_txt}{tail}"
+        )
     noise = ""
     if r["pairs_resolved"] < r["pairs_total"] / 2:
         noise = (
             f" Only {r['pairs_resolved']} of {r['pairs_total']} candidate pairs differ beyond their confidence "
             "intervals, so most of the achieved order is noise: do not read much into any rank correlation here."
         )
-    weak = [k for k, v in per_estimator.items() if v["verdict"] in ("weak", "undetermined")]
-    weak_txt = f" Weak or undetermined agreement: {', '.join(sorted(weak))}." if weak else ""
+    weak = [k for k, v in per_estimator.items() if v["verdict"] in ("weak", "undetermined", TOO_FEW)]
+    weak_txt = f" Weak, undetermined or not graded: {', '.join(sorted(weak))}." if weak else ""
+    useful = sorted(k for k, v in usable.items() if v.get("useful_here"))
+    if any("useful_here" in v for v in usable.values()):
+        useful_txt = (
+            f" Useful here (beat the data-free rankings beyond their interval): {', '.join(useful)}."
+            if useful
+            else " No estimator beats the data-free rankings (ImageNet top-1, parameter count) beyond the "
+            "interval: none is shown useful here."
+        )
+    else:
+        useful_txt = ""
     return (
         f"{recipe}: best agreement from {best} (weighted tau {r['weighted_tau']:.2f}, "
         f"95% CI {r['weighted_tau_ci'][0]:.2f} to {r['weighted_tau_ci'][1]:.2f}, verdict {r['verdict']})."
-        f"{weak_txt}{noise}"
+        f"{useful_txt}{base_txt}{weak_txt}{noise}{tail}"
     )

@@ -19,14 +19,19 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import timm
-import torch
-from torch import nn
 
 from transferlab.io import file_sha256
 from transferlab.params import SourceSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch and timm are imported inside the functions that build or run a network: strategy modules import
+# this one, and params validation must not pay for torch (seconds) just to check a strategy's config.
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +76,8 @@ def register_source_kind(kind: str) -> Callable:
 
 
 def _create(arch: str, **kwargs) -> nn.Module:
+    import timm
+
     try:
         return timm.create_model(arch, **kwargs)
     except RuntimeError as exc:
@@ -87,6 +94,8 @@ def _cfg_norm(model: nn.Module) -> tuple[tuple, tuple]:
 
 @register_source_kind("packaged")
 def _load_packaged(name: str, spec: SourceSpec, **_) -> SourceModel:
+    import torch
+
     key = spec.arch or name
     if key not in PACKAGED:
         raise SourceError(f"sources.{name}: no packaged weights called '{key}' (valid: {sorted(PACKAGED)})")
@@ -118,6 +127,8 @@ def _load_packaged(name: str, spec: SourceSpec, **_) -> SourceModel:
 def _load_timm_hub(name: str, spec: SourceSpec, **_) -> SourceModel:
     """timm's own pretrained-weights path (`pretrained=True`): the hub by default; with `path`, the same code
     path reads a local file instead (a mirror, an air-gapped machine, or a test)."""
+    import timm
+
     model_name = spec.hub_id or spec.arch
     overlay = {"file": str(spec.path)} if spec.path else None
     if spec.path and not Path(spec.path).is_file():
@@ -151,6 +162,8 @@ def _unwrap_checkpoint(obj: object) -> dict[str, torch.Tensor]:
 
 @register_source_kind("checkpoint")
 def _load_checkpoint(name: str, spec: SourceSpec, **_) -> SourceModel:
+    import torch
+
     path = Path(spec.path or "")
     if not path.is_file():
         raise SourceError(f"sources.{name}.path: checkpoint file {path} not found")
@@ -175,6 +188,8 @@ def _load_checkpoint(name: str, spec: SourceSpec, **_) -> SourceModel:
 
 @register_source_kind("random_init")
 def _load_random(name: str, spec: SourceSpec, *, seed: int = 0, **_) -> SourceModel:
+    import torch
+
     torch.manual_seed(seed)
     model = _create(spec.arch, pretrained=False, num_classes=0)
     mean, std = _cfg_norm(model)
@@ -183,6 +198,8 @@ def _load_random(name: str, spec: SourceSpec, *, seed: int = 0, **_) -> SourceMo
 
 @register_source_kind("pipeline")
 def _load_pipeline(name: str, spec: SourceSpec, *, pipeline_dir: str | Path = "models/pretrain", **_) -> SourceModel:
+    import torch
+
     path = Path(pipeline_dir) / name / "model.pt"
     if not path.is_file():
         raise SourceError(f"sources.{name}: {path} not found; run `dvc repro pretrain` first")
@@ -229,6 +246,8 @@ def load_source(
 
 def with_new_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
     """Replace the classifier with a freshly initialised one for `num_classes` target classes."""
+    import torch
+
     torch.manual_seed(seed)
     model.reset_classifier(num_classes)
     return model
@@ -236,6 +255,8 @@ def with_new_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
 
 def random_like(source: SourceModel, num_classes: int, seed: int) -> nn.Module:
     """The source's architecture with random weights and a `num_classes` head: the scratch baseline."""
+    import torch
+
     torch.manual_seed(seed)
     return _create(source.arch, pretrained=False, num_classes=num_classes, **source.kwargs)
 
@@ -254,25 +275,43 @@ def block_groups(model: nn.Module) -> list[list[str]]:
 
 def to_input(images: np.ndarray, mean: tuple, std: tuple) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> normalised float32 (N, 3, H, W)."""
+    import torch
+
     x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return (x - m) / s
 
 
-@torch.no_grad()
 def extract(
-    model: nn.Module, images: np.ndarray, mean: tuple, std: tuple, batch_size: int = 128, with_logits: bool = True
+    model: nn.Module,
+    images: np.ndarray,
+    mean: tuple,
+    std: tuple,
+    batch_size: int = 128,
+    with_logits: bool = True,
+    *,
+    device: torch.device | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Penultimate features (and the classifier's logits) of a model over uint8 images, in eval mode."""
-    model.eval()
+    """Penultimate features (and the classifier's logits) of a model over uint8 images, in eval mode.
+
+    The model is moved to `device` (default: the CPU) and left there; batches are built on the CPU and
+    moved; on CUDA the pass runs under autocast (`transferlab.device`). The arrays are float32.
+    """
+    import torch
+
+    from transferlab.device import as_device, autocast_context
+
+    device = as_device(device)
+    model.to(device).eval()
     feats, logits = [], []
-    for i in range(0, len(images), batch_size):
-        x = to_input(images[i : i + batch_size], mean, std)
-        f = model.forward_head(model.forward_features(x), pre_logits=True)
-        feats.append(f.float().numpy())
-        if with_logits:
-            logits.append(model.get_classifier()(f).float().numpy())
+    with torch.no_grad(), autocast_context(device):
+        for i in range(0, len(images), batch_size):
+            x = to_input(images[i : i + batch_size], mean, std).to(device, non_blocking=True)
+            f = model.forward_head(model.forward_features(x), pre_logits=True)
+            feats.append(f.float().cpu().numpy())
+            if with_logits:
+                logits.append(model.get_classifier()(f).float().cpu().numpy())
     return np.concatenate(feats), (np.concatenate(logits) if with_logits else None)
 
 

@@ -1,11 +1,26 @@
-"""Every strategy against the baseline (scratch by default), with paired bootstrap confidence intervals
-over the test samples: the numbers a pull request's `dvc metrics diff` is about."""
+"""Every strategy against the baseline (scratch by default): the numbers a pull request's `dvc metrics diff`
+is about, and the recommendation.
+
+* The interval of a gain covers test samples AND training seeds: each bootstrap replicate resamples the
+  test samples (paired: the same samples for both sides) and, independently for each side, its training
+  seeds (with replacement), then compares the seed-averaged metric. With one seed it reduces to the paired
+  test-sample bootstrap.
+* A verdict needs trustworthy inputs: when either side's training failed or hit its epoch cap before a
+  validation plateau, the verdict is "inconclusive (training failed)" / "inconclusive (under-trained)",
+  never better / worse.
+* The recommendation is the best model on the VALIDATION split, the raw-pixel baseline included; the
+  test split only reports its result.
+* Equal compute, on validation curves: the accuracy scratch had reached at the compute where a strategy
+  converged, and the compute scratch needed to reach that strategy's accuracy (or "not reached").
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from transferlab.diagnostics import paired_bootstrap_gain
+INTERVAL_COVERS = "test samples (paired bootstrap) and training seeds (resampled with replacement per model)"
 
 
 def verdict(ci_low: float, ci_high: float) -> str:
@@ -13,12 +28,168 @@ def verdict(ci_low: float, ci_high: float) -> str:
     return "better" if ci_low > 0 else "worse" if ci_high < 0 else "inconclusive"
 
 
+def _macro_f1(y: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
+    """Macro F1 over `num_classes` labels (a class absent from both y and pred scores 0, as sklearn's
+    zero_division=0 does)."""
+    tp = np.bincount(y[y == pred], minlength=num_classes).astype(float)
+    fp = np.bincount(pred, minlength=num_classes) - tp
+    fn = np.bincount(y, minlength=num_classes) - tp
+    denom = 2 * tp + fp + fn
+    f1 = np.divide(2 * tp, denom, out=np.zeros(num_classes), where=denom > 0)
+    return float(f1.mean())
+
+
+def seed_sample_bootstrap_gain(
+    y_true: np.ndarray,
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    *,
+    metric: str,
+    n_bootstrap: int,
+    confidence: float,
+    seed: int,
+) -> dict[str, float]:
+    """Gain of model A over model B with a bootstrap over test samples and training seeds.
+
+    Args:
+        y_true: (n,) test labels.
+        pred_a, pred_b: (k_a, n) and (k_b, n) predicted labels, one row per training seed, columns aligned
+            on the same test samples.
+        metric: 'accuracy' or 'macro_f1'.
+        n_bootstrap, confidence, seed: the bootstrap.
+
+    Returns:
+        {'gain' (seed-averaged A minus B on all samples), 'ci_low', 'ci_high' (percentile interval),
+        'prob_gain_le_0' (the bootstrap probability that the gain is <= 0), 'seed_sd_a', 'seed_sd_b'
+        (the metric's standard deviation over each side's seeds)}.
+
+    Raises:
+        ValueError: shapes disagree or the metric is unknown.
+    """
+    pred_a, pred_b = np.atleast_2d(pred_a), np.atleast_2d(pred_b)
+    n = len(y_true)
+    if pred_a.shape[1] != n or pred_b.shape[1] != n:
+        raise ValueError(f"predictions {pred_a.shape} / {pred_b.shape} do not match {n} test labels")
+    if metric not in ("accuracy", "macro_f1"):
+        raise ValueError(f"metric must be 'accuracy' or 'macro_f1', got {metric!r}")
+    num_classes = int(max(y_true.max(), pred_a.max(), pred_b.max())) + 1
+
+    def score(pred: np.ndarray, idx: np.ndarray) -> float:
+        if metric == "accuracy":
+            return float((pred[idx] == y_true[idx]).mean())
+        return _macro_f1(y_true[idx], pred[idx], num_classes)
+
+    everything = np.arange(n)
+    per_a = [score(p, everything) for p in pred_a]
+    per_b = [score(p, everything) for p in pred_b]
+    gain = float(np.mean(per_a) - np.mean(per_b))
+    rng = np.random.default_rng(seed)
+    ka, kb = len(pred_a), len(pred_b)
+    gains = np.empty(n_bootstrap)
+    correct_a = pred_a == y_true
+    correct_b = pred_b == y_true
+    for i in range(n_bootstrap):
+        idx = rng.integers(0, n, n)
+        sa = rng.integers(0, ka, ka)
+        sb = rng.integers(0, kb, kb)
+        if metric == "accuracy":
+            gains[i] = correct_a[sa][:, idx].mean() - correct_b[sb][:, idx].mean()
+        else:
+            gains[i] = np.mean([score(pred_a[s], idx) for s in sa]) - np.mean([score(pred_b[s], idx) for s in sb])
+    alpha = 1 - confidence
+    lo, hi = np.quantile(gains, [alpha / 2, 1 - alpha / 2])
+    return {
+        "gain": gain,
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "prob_gain_le_0": float((gains <= 0).mean()),
+        "seed_sd_a": float(np.std(per_a, ddof=1)) if ka > 1 else 0.0,
+        "seed_sd_b": float(np.std(per_b, ddof=1)) if kb > 1 else 0.0,
+    }
+
+
+def trust(train: dict | None) -> str | None:
+    """Why a model's numbers cannot carry a verdict ('training failed' / 'under-trained'), or None."""
+    if train is None:  # a closed-form model (the raw-pixel baseline) has no training curve to judge
+        return None
+    if train.get("training_failed"):
+        return "training failed"
+    if not train.get("converged", False):
+        return "under-trained"
+    return None
+
+
+def equal_compute(strategy_curves: list[list[dict]], scratch_curves: list[list[dict]]) -> dict[str, Any]:
+    """Compare a strategy with scratch at equal training compute, on validation curves.
+
+    Args:
+        strategy_curves, scratch_curves: per seed, the history rows (epoch, train_gflops, val_accuracy).
+
+    Returns:
+        {'strategy_gflops': mean compute at the strategy's best epoch, 'strategy_val_accuracy': its mean
+        best val accuracy, 'scratch_val_accuracy_at_that_compute': scratch's mean best-so-far val accuracy
+        within that compute (None when one scratch epoch costs more), 'scratch_gflops_to_match': mean
+        compute at which scratch first reached the strategy's accuracy, or None, with
+        'scratch_reached_in_seeds' (how many scratch seeds reached it)}.
+    """
+
+    def best_row(curve: list[dict]) -> dict:
+        return max(curve, key=lambda r: (r["val_accuracy"], -r["epoch"]))
+
+    s_gflops = float(np.mean([best_row(c)["train_gflops"] for c in strategy_curves]))
+    s_acc = float(np.mean([best_row(c)["val_accuracy"] for c in strategy_curves]))
+    at_compute, to_match = [], []
+    for curve in scratch_curves:
+        within = [r["val_accuracy"] for r in curve if r["train_gflops"] <= s_gflops]
+        at_compute.append(max(within) if within else None)
+        reached = [r["train_gflops"] for r in curve if r["val_accuracy"] >= s_acc]
+        to_match.append(min(reached) if reached else None)
+    known = [a for a in at_compute if a is not None]
+    matched = [g for g in to_match if g is not None]
+    return {
+        "strategy_gflops": round(s_gflops, 3),
+        "strategy_val_accuracy": round(s_acc, 6),
+        "scratch_val_accuracy_at_that_compute": round(float(np.mean(known)), 6) if known else None,
+        "scratch_gflops_to_match": round(float(np.mean(matched)), 3) if len(matched) == len(to_match) else None,
+        "scratch_reached_in_seeds": f"{len(matched)}/{len(to_match)}",
+    }
+
+
+def recommend(val_accuracy: dict[str, float], trusted: dict[str, bool], baseline_name: str) -> dict[str, Any]:
+    """The best model on validation among those whose training can be trusted, the classical one included.
+
+    Args:
+        val_accuracy: name -> mean best validation accuracy over seeds (the classical baseline's too).
+        trusted: name -> converged and not failed.
+        baseline_name: the classical baseline's row (e.g. 'raw_pixel_logreg').
+
+    Returns:
+        {'choice', 'val_accuracy', 'runner_up', 'classical_baseline_wins', 'considered', 'excluded'}.
+    """
+    considered = sorted((n for n in val_accuracy if trusted.get(n, False)), key=lambda n: (-val_accuracy[n], n))
+    excluded = sorted(n for n in val_accuracy if not trusted.get(n, False))
+    if not considered:
+        return {"choice": None, "considered": [], "excluded": excluded, "classical_baseline_wins": False}
+    choice = considered[0]
+    return {
+        "choice": choice,
+        "val_accuracy": val_accuracy[choice],
+        "runner_up": considered[1] if len(considered) > 1 else None,
+        "classical_baseline_wins": choice == baseline_name,
+        "considered": considered,
+        "excluded": excluded,
+    }
+
+
 def compare_to_baseline(
     y_true: np.ndarray,
     predictions: dict[str, np.ndarray],
     metrics: dict[str, dict],
+    train: dict[str, dict | None],
+    histories: dict[str, list[list[dict]]],
     baseline: str,
     *,
+    classical: str,
     n_bootstrap: int,
     confidence: float,
     seed: int,
@@ -26,16 +197,20 @@ def compare_to_baseline(
     """The summary table.
 
     Args:
-        y_true: test labels.
-        predictions: name -> predicted labels on the same test samples (same order).
+        y_true: (n,) test labels, in the column order of every predictions array.
+        predictions: name -> (n_seeds, n) predicted labels.
         metrics: name -> that model's evaluate metrics.
-        baseline: the name every other row is compared against.
-        n_bootstrap, confidence, seed: the paired bootstrap.
+        train: name -> its train metrics (None for the closed-form classical baseline).
+        histories: name -> per seed, its history rows (for the equal-compute comparison).
+        baseline: the name every other row is compared against (scratch).
+        classical: the classical baseline's name (raw-pixel logistic regression).
+        n_bootstrap, confidence, seed: the bootstrap.
 
     Returns:
-        {'baseline', 'confidence', 'strategies': {name: {test_accuracy, macro_f1, balanced_accuracy,
-        gain_vs_<baseline>: {accuracy: {gain, ci_low, ci_high, p_value_gain_le_0}, macro_f1: {...}},
-        verdict}}, 'best_strategy', 'ranking'}
+        {'baseline', 'confidence', 'interval_covers', 'protocol', 'strategies': {name: {test_accuracy,
+        macro_f1, balanced_accuracy, seeds, per_seed_test_accuracy, converged, training_failed,
+        val_accuracy, gain_vs_<baseline>: {accuracy: {...}, macro_f1: {...}}, verdict, equal_compute}},
+        'ranking_by_val', 'recommendation'}
 
     Raises:
         KeyError: the baseline has no predictions.
@@ -43,14 +218,28 @@ def compare_to_baseline(
     if baseline not in predictions:
         raise KeyError(f"compare.baseline '{baseline}' has no predictions (have: {sorted(predictions)})")
     base = predictions[baseline]
+    base_issue = trust(train.get(baseline))
     rows: dict[str, dict] = {}
+    val_accuracy: dict[str, float] = {}
+    trusted: dict[str, bool] = {}
     for name in sorted(predictions):
-        m = metrics[name]
-        row = {k: m[k] for k in ("test_accuracy", "balanced_accuracy", "macro_f1") if k in m}
+        m, t = metrics[name], train.get(name)
+        issue = trust(t)
+        val_accuracy[name] = float((t or m)["best_val_accuracy_mean"])
+        trusted[name] = issue is None
+        row: dict[str, Any] = {k: m[k] for k in ("test_accuracy", "balanced_accuracy", "macro_f1") if k in m}
+        row["val_accuracy"] = round(val_accuracy[name], 6)
+        row["seeds"] = int(len(predictions[name]))
+        if "per_seed" in m:
+            row["per_seed_test_accuracy"] = {s: r["test_accuracy"] for s, r in m["per_seed"].items()}
+        if t is not None:
+            row["converged"] = bool(t.get("converged"))
+            row["training_failed"] = bool(t.get("training_failed"))
+            row["lr"] = t.get("lr")
         if name != baseline:
             gains = {}
             for metric in ("accuracy", "macro_f1"):
-                g = paired_bootstrap_gain(
+                g = seed_sample_bootstrap_gain(
                     y_true,
                     predictions[name],
                     base,
@@ -59,16 +248,65 @@ def compare_to_baseline(
                     confidence=confidence,
                     seed=seed,
                 )
-                gains[metric] = {k: round(float(g[k]), 6) for k in ("gain", "ci_low", "ci_high", "p_value_gain_le_0")}
+                gains[metric] = {k: round(float(v), 6) for k, v in g.items()}
             row[f"gain_vs_{baseline}"] = gains
-            row["verdict"] = verdict(gains["accuracy"]["ci_low"], gains["accuracy"]["ci_high"])
+            blocker = issue or base_issue
+            if blocker:
+                who = name if issue else baseline
+                row["verdict"] = f"inconclusive ({blocker}: {who})"
+            else:
+                row["verdict"] = verdict(gains["accuracy"]["ci_low"], gains["accuracy"]["ci_high"])
+            if name in histories and baseline in histories:
+                row["equal_compute"] = equal_compute(histories[name], histories[baseline])
         rows[name] = row
-    ranking = sorted(rows, key=lambda n: (-rows[n]["test_accuracy"], n))
+    rec = recommend(val_accuracy, trusted, classical)
+    choice = rec.get("choice")
+    if choice is not None:
+        rec["test_accuracy"] = rows[choice]["test_accuracy"]
+        if choice != classical and classical in predictions:
+            g = seed_sample_bootstrap_gain(
+                y_true,
+                predictions[choice],
+                predictions[classical],
+                metric="accuracy",
+                n_bootstrap=n_bootstrap,
+                confidence=confidence,
+                seed=seed,
+            )
+            rec[f"test_gain_vs_{classical}"] = {k: round(float(v), 6) for k, v in g.items()}
+    rec["reason"] = _reason(rec, rows, classical, confidence)
     return {
         "baseline": baseline,
         "confidence": confidence,
         "n_bootstrap": n_bootstrap,
+        "interval_covers": INTERVAL_COVERS,
         "strategies": rows,
-        "ranking": ranking,
-        "best_strategy": ranking[0],
+        "ranking_by_val": sorted(rows, key=lambda n: (-val_accuracy[n], n)),
+        "recommendation": rec,
     }
+
+
+def _reason(rec: dict, rows: dict[str, dict], classical: str, confidence: float) -> str:
+    choice = rec.get("choice")
+    if choice is None:
+        return (
+            f"no model converged without failing ({', '.join(rec['excluded'])}): raise train.epochs, check the "
+            "diagnosis' failed-training findings, and run again"
+        )
+    head = f"{choice}: best validation accuracy ({rec['val_accuracy']:.3f}) among converged models"
+    if rec["classical_baseline_wins"]:
+        runner = rec.get("runner_up")
+        extra = f" (best transfer model on validation: {runner}, {rows[runner]['val_accuracy']:.3f})" if runner else ""
+        return (
+            f"use the baseline; transfer does not pay here: logistic regression on raw pixels validates best"
+            f"{extra}, and it needs no pre-trained weights, no GPU and milliseconds per image"
+        )
+    g = rec.get(f"test_gain_vs_{classical}")
+    if g:
+        pct = round(confidence * 100)
+        side = "beyond" if g["ci_low"] > 0 else "within"
+        head += (
+            f"; on test it beats raw pixels by {g['gain']:+.3f} ({pct}% CI {g['ci_low']:+.3f} to {g['ci_high']:+.3f}:"
+            f" {side} noise)"
+        )
+    return head

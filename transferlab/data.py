@@ -291,7 +291,9 @@ def prepare_splits(raw: RawDataset, params: DataParams, seed: int) -> tuple[dict
 
     splits: dict[str, dict] = {}
     for s in SPLITS:
-        order = np.asarray(chosen[s], dtype=np.int64)
+        # Stored in a seeded shuffled order, never class by class: any consumer that takes a prefix or
+        # consecutive chunks (BatchNorm re-estimation, probes) then sees every class in proportion.
+        order = rng.permutation(np.asarray(chosen[s], dtype=np.int64))
         images = np.stack([_to_rgb_resized(np.asarray(raw.images[i]), params.image_size) for i in order])
         splits[s] = {"images": images, "labels": raw.labels[order].astype(np.int64), "source_index": order}
 
@@ -343,6 +345,8 @@ class Prepared:
     labels: dict[str, np.ndarray]
     class_names: list[str]
     meta: dict
+    # Stable sample ids (the index in the raw dataset): predictions are aligned on them, not on row order.
+    ids: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -361,4 +365,5 @@ def load_prepared(in_dir: str | Path) -> Prepared:
     meta = read_json(in_dir / "meta.json")
     images = {s: np.load(in_dir / f"{s}_images.npy") for s in SPLITS}
     labels = {s: np.load(in_dir / f"{s}_labels.npy") for s in SPLITS}
-    return Prepared(images, labels, meta["class_names"], meta)
+    ids = {s: np.load(in_dir / f"{s}_source_index.npy") for s in SPLITS}
+    return Prepared(images, labels, meta["class_names"], meta, ids)

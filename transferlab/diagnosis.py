@@ -2,8 +2,9 @@
 
 One function per problem turns measurements (from `diagnostics`) into findings:
 negative transfer, catastrophic forgetting (exact for in-pipeline sources, by proxy for ImageNet ones),
-domain shift, learning-rate sensitivity and over-fitting. The `diagnose` stage runs the remedies and
-attaches their before/after numbers with `remedy_result`.
+domain shift, learning-rate sensitivity, over-fitting and failed training. The checks in
+`transferlab.checks` call them, run the remedies and attach their before/after numbers with
+`remedy_result`; `to_markdown` writes the report.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from transferlab.backbones import block_groups, to_input
+from transferlab.device import as_device
 from transferlab.diagnostics import (
     bn_statistics_gap,
     linear_cka,
@@ -28,6 +30,17 @@ from transferlab.diagnostics import (
 )
 
 SEVERITIES = ("ok", "info", "warning", "critical")
+# The report's order of finding types; a type not listed here goes after them, alphabetically.
+REPORT_ORDER = (
+    "training_failed",
+    "negative_transfer",
+    "catastrophic_forgetting",
+    "domain_shift",
+    "resolution",
+    "lr_sensitivity",
+    "overfitting",
+)
+NOT_MEASURABLE = "not measurable offline"
 
 
 def finding(kind: str, subject: str, flagged: bool, severity: str, evidence: dict, remedy: str) -> dict:
@@ -44,8 +57,8 @@ def finding(kind: str, subject: str, flagged: bool, severity: str, evidence: dic
     }
 
 
-def _gain(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_bootstrap: int, seed: int) -> dict:
-    g = paired_bootstrap_gain(y, a, b, n_bootstrap=n_bootstrap, seed=seed)
+def _gain(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_bootstrap: int, seed: int, confidence: float = 0.95) -> dict:
+    g = paired_bootstrap_gain(y, a, b, n_bootstrap=n_bootstrap, seed=seed, confidence=confidence)
     return {k: round(float(g[k]), 6) for k in ("gain", "ci_low", "ci_high")}
 
 
@@ -57,13 +70,26 @@ def remedy_outcome(
     seed: int,
     what: str,
     metric: str = "target test accuracy",
+    confidence: float = 0.95,
 ) -> dict:
-    """Before/after accuracy of a remedy on the same samples, with the paired bootstrap CI of the change."""
-    g = _gain(y, after, before, n_bootstrap, seed)
+    """Before/after accuracy of a remedy on the same samples, with the paired bootstrap CI of the change.
+
+    Args:
+        y, before, after: labels and the two predictions, aligned on the same samples.
+        n_bootstrap, seed, confidence: the paired bootstrap (params `diagnose.n_bootstrap`, `seed`,
+            `compare.confidence`).
+        what: the remedy run, in words; metric: what the accuracy is measured on.
+
+    Returns:
+        `{remedy_run, metric, confidence, before, after, change: {gain, ci_low, ci_high}, verdict}`; the
+        verdict is "helped" / "hurt" only when the whole interval is on one side of zero.
+    """
+    g = _gain(y, after, before, n_bootstrap, seed, confidence)
     verdict = "helped" if g["ci_low"] > 0 else "hurt" if g["ci_high"] < 0 else "no clear effect"
     return {
         "remedy_run": what,
         "metric": metric,
+        "confidence": confidence,
         "before": round(float((before == y).mean()), 6),
         "after": round(float((after == y).mean()), 6),
         "change": g,
@@ -72,7 +98,13 @@ def remedy_outcome(
 
 
 def negative_transfer(
-    y: np.ndarray, preds: dict[str, np.ndarray], references: dict[str, np.ndarray], *, n_bootstrap: int, seed: int
+    y: np.ndarray,
+    preds: dict[str, np.ndarray],
+    references: dict[str, np.ndarray],
+    *,
+    n_bootstrap: int,
+    seed: int,
+    confidence: float = 0.95,
 ) -> list[dict]:
     """Flag every model whose whole CI of the gain over a reference (scratch, raw pixels) lies below zero.
 
@@ -81,7 +113,11 @@ def negative_transfer(
     """
     out = []
     for name in sorted(preds):
-        gains = {ref: _gain(y, preds[name], rp, n_bootstrap, seed) for ref, rp in references.items() if ref != name}
+        gains = {
+            ref: _gain(y, preds[name], rp, n_bootstrap, seed, confidence)
+            for ref, rp in references.items()
+            if ref != name
+        }
         below = [ref for ref, g in gains.items() if g["ci_high"] < 0]
         severity = "critical" if "scratch" in below else "warning"
         remedy = (
@@ -89,7 +125,14 @@ def negative_transfer(
             "(linear_probe) instead of updating the backbone; check the learning rate."
         )
         out.append(
-            finding("negative_transfer", name, bool(below), severity, {"gain_vs": gains, "below": below}, remedy)
+            finding(
+                "negative_transfer",
+                name,
+                bool(below),
+                severity,
+                {"gain_vs": gains, "below": below, "confidence": confidence},
+                remedy,
+            )
         )
     return out
 
@@ -119,7 +162,7 @@ def _pooled_blocks(model: nn.Module, x: torch.Tensor) -> list[np.ndarray]:
     """Global-average-pooled output of every stage (timm `forward_intermediates`), for CKA."""
     model.eval()
     inter = model.forward_intermediates(x, intermediates_only=True)
-    return [t.float().mean(dim=(2, 3)).numpy() if t.ndim == 4 else t.float().numpy() for t in inter]
+    return [(t.float().mean(dim=(2, 3)) if t.ndim == 4 else t.float()).cpu().numpy() for t in inter]
 
 
 def _group_labels(model: nn.Module) -> dict[str, list[str]]:
@@ -136,17 +179,21 @@ def forgetting_by_proxy(
     std: tuple,
     *,
     agreement_threshold: float,
+    device: torch.device | str | None = None,
 ) -> dict:
     """Catastrophic forgetting without the source data (ImageNet): on probe images, how often the
     source classifier still predicts what it predicted before, once put on the fine-tuned backbone;
     per-stage linear CKA between pre-trained and fine-tuned features; per-block relative weight drift.
+
+    Both models are moved to `device` (default: the CPU) and run there in float32.
     """
-    source_model.eval()
-    tuned.eval()
-    x = to_input(images, mean, std)
+    device = as_device(device)
+    source_model.to(device).eval()
+    tuned.to(device).eval()
+    x = to_input(images, mean, std).to(device)
     head = source_model.get_classifier()
-    before = head(source_model.forward_head(source_model.forward_features(x), pre_logits=True)).numpy()
-    after = head(tuned.forward_head(tuned.forward_features(x), pre_logits=True)).numpy()
+    before = head(source_model.forward_head(source_model.forward_features(x), pre_logits=True)).cpu().numpy()
+    after = head(tuned.forward_head(tuned.forward_features(x), pre_logits=True)).cpu().numpy()
     agree = prediction_agreement(before, after)
     cka = [
         round(linear_cka(a, b), 6)
@@ -177,23 +224,33 @@ def forgetting_by_proxy(
 
 
 def source_head_predictions(
-    tuned: nn.Module, source_head: nn.Module, images: np.ndarray, mean: tuple, std: tuple
+    tuned: nn.Module,
+    source_head: nn.Module,
+    images: np.ndarray,
+    mean: tuple,
+    std: tuple,
+    *,
+    device: torch.device | str | None = None,
 ) -> np.ndarray:
-    """Per-sample predictions on the source task: the fine-tuned backbone with the ORIGINAL source head."""
-    tuned.eval()
+    """Per-sample predictions on the source task: the fine-tuned backbone with the ORIGINAL source head,
+    both moved to `device` (default: the CPU)."""
+    device = as_device(device)
+    tuned.to(device).eval()
+    source_head.to(device)
     preds = []
     with torch.no_grad():
         for i in range(0, len(images), 256):
-            x = to_input(images[i : i + 256], mean, std)
-            preds.append(source_head(tuned.forward_head(tuned.forward_features(x), pre_logits=True)).argmax(1))
+            x = to_input(images[i : i + 256], mean, std).to(device, non_blocking=True)
+            logits = source_head(tuned.forward_head(tuned.forward_features(x), pre_logits=True))
+            preds.append(logits.argmax(1).cpu())
     return torch.cat(preds).numpy()
 
 
 def domain_shift(
     source_model: nn.Module,
     target_images: np.ndarray,
-    source_feats: np.ndarray,
-    target_feats: np.ndarray,
+    source_feats: np.ndarray | None,
+    target_feats: np.ndarray | None,
     mean: tuple,
     std: tuple,
     *,
@@ -201,32 +258,67 @@ def domain_shift(
     n_permutations: int,
     seed: int,
     pad_threshold: float,
+    bn_gap_threshold: float,
+    unmeasured_reason: str = "no source-domain images (set diagnose.source_images to a folder of them)",
+    device: torch.device | str | None = None,
 ) -> dict:
-    """BatchNorm statistics gap (source running stats vs target activations), MMD with a permutation test
-    and the proxy A-distance between source-domain and target features."""
-    gaps = bn_statistics_gap(copy.deepcopy(source_model), to_input(target_images, mean, std))
-    mmd = mmd_permutation_test(source_feats, target_feats, n_permutations=n_permutations, seed=seed)
-    pad = proxy_a_distance(source_feats, target_feats, seed=seed)
+    """Domain shift from evidence that measures the source domain, and nothing else.
+
+    * The BatchNorm statistics gap: the source model's own running statistics (estimated on its
+      pre-training data) against the activations of target images. Flags when the mean standardised gap,
+      averaged over layers, exceeds `bn_gap_threshold`.
+    * MMD (permutation test) and the proxy A-distance between features of real source-domain images and
+      target images, when such images exist (an in-pipeline source's own data, or `diagnose.source_images`).
+      Flags when p < 0.05 and PAD > `pad_threshold`. Without them (`source_feats is None`) both are
+      reported as "not measurable offline": a stand-in domain (e.g. crops of two sample photos) is
+      separable from any dataset by construction (PAD = 2), so it says nothing about this target.
+
+    The statistics pass runs on a copy of the source model on `device` (default: the CPU).
+
+    Returns:
+        A `domain_shift` finding; `evidence.flagged_by` lists the measurements over their thresholds.
+    """
+    probe_model = copy.deepcopy(source_model).to(as_device(device))
+    gaps = bn_statistics_gap(probe_model, to_input(target_images, mean, std))
     mean_gap = [g["mean_gap"] for g in gaps]
-    evidence = {
+    gap_avg = float(np.mean(mean_gap)) if gaps else None
+    evidence: dict[str, Any] = {
         "source_domain": source_domain,
+        "target_probe_images": len(target_images),
         "bn_layers": len(gaps),
-        "bn_mean_gap_avg": round(float(np.mean(mean_gap)), 6) if gaps else None,
+        "bn_mean_gap_avg": round(gap_avg, 6) if gap_avg is not None else None,
         "bn_mean_gap_first_layer": round(float(mean_gap[0]), 6) if gaps else None,
         "bn_worst_layers": [
             {k: (round(v, 6) if isinstance(v, float) else v) for k, v in g.items()}
             for g in sorted(gaps, key=lambda g: -g["mean_gap"])[:3]
         ],
-        "mmd2": round(float(mmd["mmd2"]), 6),
-        "mmd_p_value": round(float(mmd["p_value"]), 6),
-        "proxy_a_distance": round(float(pad), 6),
+        "bn_gap_threshold": bn_gap_threshold,
         "pad_threshold": pad_threshold,
     }
-    flagged = mmd["p_value"] < 0.05 and pad > pad_threshold
+    flagged_by = []
+    if gap_avg is not None and gap_avg > bn_gap_threshold:
+        flagged_by.append("bn_statistics_gap")
+    if source_feats is None or target_feats is None:
+        evidence.update({"mmd2": NOT_MEASURABLE, "mmd_p_value": NOT_MEASURABLE, "proxy_a_distance": NOT_MEASURABLE})
+        evidence["not_measurable_because"] = unmeasured_reason
+    else:
+        mmd = mmd_permutation_test(source_feats, target_feats, n_permutations=n_permutations, seed=seed)
+        pad = proxy_a_distance(source_feats, target_feats, seed=seed)
+        evidence.update(
+            {
+                "source_images": len(source_feats),
+                "mmd2": round(float(mmd["mmd2"]), 6),
+                "mmd_p_value": round(float(mmd["p_value"]), 6),
+                "proxy_a_distance": round(float(pad), 6),
+            }
+        )
+        if mmd["p_value"] < 0.05 and pad > pad_threshold:
+            flagged_by.append("mmd_and_proxy_a_distance")
+    evidence["flagged_by"] = flagged_by
     return finding(
         "domain_shift",
         source_domain,
-        flagged,
+        bool(flagged_by),
         "warning",
         evidence,
         "AdaBN (re-estimate BatchNorm statistics on target data), fine-tune the early blocks too, or a source "
@@ -234,17 +326,104 @@ def domain_shift(
     )
 
 
+def resolution(source: str, target_size: int, source_size: int, *, ratio_threshold: float, size_origin: str) -> dict:
+    """Flag a target image size far below the size the source was pre-trained at (`target < ratio x source`):
+    the source's filters then see objects at a scale they never saw, and the deepest stages shrink to
+    1-2 pixels."""
+    ratio = target_size / source_size
+    return finding(
+        "resolution",
+        source,
+        ratio < ratio_threshold,
+        "warning",
+        {
+            "target_image_size": target_size,
+            "source_input_size": source_size,
+            "source_input_size_from": size_origin,
+            "ratio": round(ratio, 6),
+            "ratio_threshold": ratio_threshold,
+        },
+        "Upsample the target images toward the source's input size (data.image_size), when the compute allows.",
+    )
+
+
+def training_failed(
+    name: str, seed: int, history: list[dict], record: dict, num_classes: int, *, accuracy_margin: float
+) -> dict:
+    """Did a training run fail? From its per-epoch history and its train-metrics record.
+
+    Failed when any of: the train stage says so (`training_failed`, with `failure_reason`); the best
+    validation accuracy is within `accuracy_margin` of chance (1/C); the training loss never falls below
+    95% of ln(C), the loss of a uniform guess (it did not learn); the loss is not finite or ends above 1.5x
+    where it started (divergence).
+
+    Returns:
+        A `training_failed` finding (critical) with the loss curve's first/last values, the best validation
+        accuracy, the learning rate and gradient norm when the history has them, and the reasons.
+    """
+    chance = 1.0 / num_classes
+    ln_c = float(np.log(num_classes))
+    loss = np.array([float(r.get("train_loss", np.nan)) for r in history], dtype=float)
+    val = np.array([float(r.get("val_accuracy", np.nan)) for r in history], dtype=float)
+    reasons = []
+    if record.get("training_failed"):
+        reasons.append(f"train stage: {record.get('failure_reason') or 'failed'}")
+    if len(history) == 0:
+        reasons.append("no history")
+    else:
+        best_val = float(np.nanmax(val)) if np.isfinite(val).any() else float("nan")
+        if not np.isfinite(best_val) or best_val <= chance + accuracy_margin:
+            reasons.append("validation accuracy at chance")
+        if not np.isfinite(loss).all():
+            reasons.append("loss not finite (diverged)")
+        else:
+            if loss.min() >= 0.95 * ln_c:
+                reasons.append("loss never fell below ln(C)")
+            if len(loss) > 1 and loss[-1] > 1.5 * loss[0]:
+                reasons.append("loss grew (diverging)")
+
+    def col(key: str) -> list | None:
+        vals = [r.get(key) for r in history if r.get(key) is not None]
+        return [round(float(v), 6) for v in (vals[0], vals[-1])] if vals else None
+
+    evidence = {
+        "seed": seed,
+        "epochs_run": len(history),
+        "train_loss_first_last": col("train_loss"),
+        "loss_at_chance_ln_c": round(ln_c, 6),
+        "best_val_accuracy": round(float(np.nanmax(val)), 6) if np.isfinite(val).any() else None,
+        "chance_accuracy": round(chance, 6),
+        "accuracy_margin": accuracy_margin,
+        "lr_first_last": col("lr"),
+        "grad_norm_first_last": col("grad_norm"),
+        "lr_chosen_on_validation": record.get("lr"),
+        "converged": record.get("converged"),
+        "reasons": reasons,
+    }
+    chosen = record.get("lr")
+    remedy = (
+        "The train stage retries other learning rates and keeps the one best on validation"
+        + (f" (chosen: {chosen:g})" if isinstance(chosen, (int, float)) else "")
+        + "; if every rate fails, check the data (labels, normalisation) and lower strategies.<name>.lr."
+    )
+    return finding("training_failed", f"{name} (seed {seed})", bool(reasons), "critical", evidence, remedy)
+
+
 def lr_sensitivity(sweep: list[dict], *, spread_threshold: float, forgetting_threshold: float) -> dict:
-    """Target accuracy and source-task forgetting at each learning rate of a fine-tuning sweep."""
-    accs = [r["target_accuracy"] for r in sweep]
+    """Validation accuracy and source-task forgetting at each learning rate of a fine-tuning sweep.
+
+    The best rate and the spread are read on the VALIDATION split; each row's test accuracy is reported
+    only (choosing on test would make the reported number optimistic).
+    """
+    accs = [r["val_accuracy"] for r in sweep]
     spread = float(max(accs) - min(accs))
-    best = max(sweep, key=lambda r: (r["target_accuracy"], -r["lr"]))
+    best = max(sweep, key=lambda r: (r["val_accuracy"], -r["lr"]))
     wrecked = [r["lr"] for r in sweep if r.get("source_accuracy_drop", 0) > forgetting_threshold]
     flagged = spread > spread_threshold or bool(wrecked)
     evidence = {
         "sweep": sweep,
-        "target_accuracy_spread": round(spread, 6),
-        "best_lr": best["lr"],
+        "val_accuracy_spread": round(spread, 6),
+        "best_lr_on_validation": best["lr"],
         "rates_that_wreck_the_source_task": wrecked,
         "spread_threshold": spread_threshold,
     }
@@ -254,8 +433,8 @@ def lr_sensitivity(sweep: list[dict], *, spread_threshold: float, forgetting_thr
         flagged,
         "warning",
         evidence,
-        f"Use a learning rate near {best['lr']:g} (the best of the sweep); avoid {wrecked or 'none'} where the "
-        "source task is wrecked; or tune with `tune@<strategy>`.",
+        f"Use a learning rate near {best['lr']:g} (the sweep's best on validation); avoid {wrecked or 'none'} where "
+        "the source task is wrecked; or tune with `tune@<strategy>`.",
     )
 
 
@@ -278,10 +457,10 @@ def to_markdown(findings: list[dict], summary: dict) -> str:
         f"Worst severity: **{summary['worst_severity']}**; {summary['flagged']} finding(s) flagged.",
         "",
     ]
-    for kind in ("negative_transfer", "catastrophic_forgetting", "domain_shift", "lr_sensitivity", "overfitting"):
+    kinds = [k for k in REPORT_ORDER if any(f["type"] == k for f in findings)]
+    kinds += sorted({f["type"] for f in findings} - set(REPORT_ORDER))
+    for kind in kinds:
         group = [f for f in findings if f["type"] == kind]
-        if not group:
-            continue
         lines += [f"## {kind.replace('_', ' ')}", ""]
         for f in sorted(group, key=lambda f: (not f["flagged"], f["subject"])):
             mark = f"**{f['severity'].upper()}**" if f["flagged"] else "ok"
@@ -290,37 +469,69 @@ def to_markdown(findings: list[dict], summary: dict) -> str:
                 lines.append(f"  - remedy: {f['remedy']}")
             r = f.get("remedy_result")
             if r:
+                conf = f"{r.get('confidence', 0.95):.0%}"
                 lines.append(
                     f"  - remedy run ({r['remedy_run']}): {r['metric']} {r['before']:.3f} -> "
                     f"{r['after']:.3f}, change {r['change']['gain']:+.3f} "
-                    f"[{r['change']['ci_low']:+.3f}, {r['change']['ci_high']:+.3f}] -> **{r['verdict']}**"
+                    f"[{r['change']['ci_low']:+.3f}, {r['change']['ci_high']:+.3f}] ({conf} CI) -> **{r['verdict']}**"
                     + (f"; {r['note']}" if r.get("note") else "")
                 )
         lines.append("")
     return "\n".join(lines) + "\n"
 
 
+def _fmt(v: Any, spec: str) -> str:
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
 def _evidence_line(f: dict) -> str:
     e = f["evidence"]
     if f["type"] == "negative_transfer":
-        return "; ".join(
-            f"vs {ref}: {g['gain']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]" for ref, g in e["gain_vs"].items()
+        conf = f"{e.get('confidence', 0.95):.0%} CI"
+        return (
+            "; ".join(
+                f"vs {ref}: {g['gain']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
+                for ref, g in e["gain_vs"].items()
+            )
+            + f" ({conf})"
         )
     if f["type"] == "overfitting":
         return f"train-val accuracy gap at best epoch {e['accuracy_gap_at_best']:.3f} (threshold {e['threshold']})"
     if f["type"] == "domain_shift":
+        text = (
+            f"mean BN statistics gap {e['bn_mean_gap_avg']} (threshold {e['bn_gap_threshold']}); "
+            f"MMD^2 {_fmt(e['mmd2'], '.4f')} (p={_fmt(e['mmd_p_value'], '.3f')}), "
+            f"proxy A-distance {_fmt(e['proxy_a_distance'], '.2f')}"
+        )
+        if e.get("not_measurable_because"):
+            text += f" ({e['not_measurable_because']})"
+        return text
+    if f["type"] == "resolution":
         return (
-            f"MMD^2 {e['mmd2']:.4f} (p={e['mmd_p_value']:.3f}), proxy A-distance {e['proxy_a_distance']:.2f}, "
-            f"mean BN gap {e['bn_mean_gap_avg']}"
+            f"target {e['target_image_size']} px vs source input {e['source_input_size']} px "
+            f"(ratio {e['ratio']:.2f}, threshold {e['ratio_threshold']})"
+        )
+    if f["type"] == "training_failed":
+        return (
+            f"loss first/last {e['train_loss_first_last']} (ln C = {e['loss_at_chance_ln_c']:.3f}), best val "
+            f"accuracy {e['best_val_accuracy']} (chance {e['chance_accuracy']:.3f}), lr {e['lr_first_last']}, "
+            f"grad norm {e['grad_norm_first_last']}; {', '.join(e['reasons']) or 'trained'}"
         )
     if f["type"] == "lr_sensitivity":
-        rows = ", ".join(f"{r['lr']:g}: {r['target_accuracy']:.3f}" for r in e["sweep"])
-        return f"target accuracy by lr {rows}; wrecks source at {e['rates_that_wreck_the_source_task']}"
+        rows = ", ".join(
+            f"{r['lr']:g}: val {r['val_accuracy']:.3f} (test {r['test_accuracy']:.3f})" for r in e["sweep"]
+        )
+        return (
+            f"accuracy by lr {rows}; best on validation {e['best_lr_on_validation']:g}; wrecks source at "
+            f"{e['rates_that_wreck_the_source_task']}"
+        )
     if f["type"] == "catastrophic_forgetting":
         if "source_accuracy_before" in e:
             return (
                 f"source-task accuracy {e['source_accuracy_before']:.3f} -> {e['source_accuracy_after']:.3f} "
-                f"(drop {e['source_accuracy_drop']:.3f}) after fine-tuning at lr {e['lr']:g}"
+                f"as fine-tuned (drop {e['source_accuracy_drop']:.3f}), "
+                f"{e['source_accuracy_after_bn_restored']:.3f} with the source's BatchNorm statistics restored "
+                f"(drop {e['source_accuracy_drop_bn_restored']:.3f}); fine-tuned at lr {e['lr']:g}"
             )
         return (
             f"source top-1 agreement {e['source_top1_agreement']:.3f} on {e['probe_images']} probe images, "

@@ -33,6 +33,7 @@ from sklearn.preprocessing import StandardScaler
 
 __all__ = [
     "bn_statistics_gap",
+    "stratified_indices",
     "linear_cka",
     "mmd_permutation_test",
     "paired_bootstrap_gain",
@@ -158,9 +159,10 @@ def paired_bootstrap_gain(
         seed: seed of the numpy generator; the result is deterministic for a seed.
 
     Returns:
-        ``{"gain", "ci_low", "ci_high", "p_value_gain_le_0"}``: the gain on the full test set, the
-        percentile interval of the resampled gains, and the fraction of resamples whose gain is <= 0
-        (a one-sided bootstrap p-value for "A is not better than B").
+        ``{"gain", "ci_low", "ci_high", "prob_gain_le_0"}``: the gain on the full test set, the
+        percentile interval of the resampled gains, and the fraction of resamples whose gain is <= 0 (the
+        bootstrap probability that the gain is not positive; not a p-value of a null-hypothesis test: the
+        resamples are drawn around the observed gain, not under a null of no difference).
 
     Raises:
         ValueError: unknown metric, bad ``n_bootstrap``/``confidence``, arrays that are not 1-D, are empty,
@@ -205,8 +207,50 @@ def paired_bootstrap_gain(
         "gain": gain,
         "ci_low": float(ci_low),
         "ci_high": float(ci_high),
-        "p_value_gain_le_0": float(np.mean(gains <= 0.0)),
+        "prob_gain_le_0": float(np.mean(gains <= 0.0)),
     }
+
+
+def stratified_indices(labels: Any, n: int, *, seed: int) -> np.ndarray:
+    """A seeded subset of at most `n` row indices with the classes in proportion (never "the first n rows").
+
+    Each class gets floor(n * share) rows, the leftover rows go to the classes with the largest remainders
+    (ties: lower class first), every class with a row gets at least one while n allows; rows within a class
+    are drawn without replacement by a numpy generator seeded with `seed`.
+
+    Args:
+        labels: 1-D class labels of the pool.
+        n: subset size (>= 1); the whole pool when it has no more rows.
+        seed: the generator's seed.
+
+    Returns:
+        Sorted int64 indices into `labels`.
+
+    Raises:
+        ValueError: labels not 1-D or empty, n < 1.
+    """
+    y = _labels_1d(labels, "labels")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if n >= len(y):
+        return np.arange(len(y), dtype=np.int64)
+    classes, counts = np.unique(y, return_counts=True)
+    exact = n * counts / len(y)
+    take = np.minimum(np.maximum(np.floor(exact).astype(int), 1 if n >= len(classes) else 0), counts)
+    order = np.lexsort((np.arange(len(classes)), -(exact - np.floor(exact))))
+    i = 0
+    while take.sum() < n:
+        c = order[i % len(order)]
+        if take[c] < counts[c]:
+            take[c] += 1
+        i += 1
+    while take.sum() > n:  # the at-least-one floor overshot: trim the largest
+        take[int(np.argmax(take))] -= 1
+    rng = np.random.default_rng(seed)
+    picked = [
+        rng.choice(np.flatnonzero(y == c), size=int(k), replace=False) for c, k in zip(classes, take, strict=True)
+    ]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -70,9 +70,16 @@ def write_npy(path: str | Path, array: np.ndarray) -> Path:
 
 
 def save_torch(path: str | Path, obj: Any) -> Path:
+    """torch.save through a buffer: saved to a file, torch names the zip's inner folder after the (random)
+    temporary file, so two saves of the same tensors differ in bytes and DVC sees a changed output."""
+    import io
+
     import torch
 
-    return _atomic(path, lambda p: torch.save(obj, p))
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    return _atomic(path, lambda p: p.write_bytes(data))
 
 
 def file_sha256(path: str | Path) -> str:

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from transferlab.device import DEVICE_CHOICES, DEVICE_PATTERN
+
 
 class ParamsError(ValueError):
     """A params file that cannot be used; the message names the key, the value and the fix."""
@@ -76,12 +78,26 @@ class SourceSpec(Section):
         return self
 
 
+# The names registered in transferlab.transferability.ESTIMATORS, listed here so that validating params does
+# not import scikit-learn (a second of a typo's report); tests/test_params.py fails when the two differ.
+ESTIMATOR_NAMES = (
+    "hscore",
+    "hscore_shrinkage",
+    "knn_accuracy",
+    "leep",
+    "linear_probe_accuracy",
+    "logme",
+    "nce",
+    "sfda",
+)
+
+
 class ScoreParams(Section):
     """How candidates are ranked and which one `train.source: auto` gets."""
 
     select_by: str = Field("logme", description="the estimator that ranks candidates")
     estimators: list[str] = Field(
-        ["logme", "leep", "nce", "hscore", "hscore_shrinkage", "knn_accuracy", "linear_probe_accuracy"],
+        ["logme", "leep", "nce", "hscore", "hscore_shrinkage", "sfda", "knn_accuracy", "linear_probe_accuracy"],
         description="estimators to compute (transferlab.transferability.ESTIMATORS)",
     )
     max_params: int | None = Field(None, ge=1, description="budget: candidates with more parameters are not selected")
@@ -91,46 +107,92 @@ class ScoreParams(Section):
     @field_validator("select_by")
     @classmethod
     def _known_select_by(cls, value: str) -> str:
-        from transferlab.transferability import ESTIMATORS
-
-        if value not in ESTIMATORS:
-            raise ValueError(f"unknown estimator '{value}' (valid: {sorted(ESTIMATORS)})")
+        if value not in ESTIMATOR_NAMES:
+            raise ValueError(f"unknown estimator '{value}' (valid: {sorted(ESTIMATOR_NAMES)})")
         return value
 
     @field_validator("estimators")
     @classmethod
     def _known_estimators(cls, value: list[str]) -> list[str]:
-        from transferlab.transferability import ESTIMATORS
-
-        bad = [v for v in value if v not in ESTIMATORS]
+        bad = [v for v in value if v not in ESTIMATOR_NAMES]
         if bad:
-            raise ValueError(f"unknown estimator(s) {bad} (valid: {sorted(ESTIMATORS)})")
+            raise ValueError(f"unknown estimator(s) {bad} (valid: {sorted(ESTIMATOR_NAMES)})")
         return value
 
 
 class AgreementParams(Section):
-    """Closing the loop: the cheap fixed recipes every candidate is trained with to check the ranking."""
+    """Closing the loop: every candidate trained to convergence (the `train@linear_probe` recipe and protocol,
+    once per seed of `train.seeds`; optionally a fine-tune), to check the ranking on this data."""
 
-    probe_epochs: int = Field(30, ge=1, description="linear probe epochs on the cached features")
-    probe_lr: float = Field(3e-3, gt=0)
-    # Top block + head only: a real fine-tune at a fraction of the cost of a full one.
+    # Off by default: converging a fine-tune of five candidates does not fit the 15-minute CPU default.
     finetune: dict[str, Any] = Field(
         {"kind": "finetune_top", "k": 1, "lr": 0.001}, description="a strategy entry, as under `strategies`"
     )
-    finetune_epochs: int = Field(2, ge=0, description="0 skips the short fine-tune recipe")
-    n_bootstrap: int = Field(1000, ge=100)
+    finetune_epochs: int = Field(
+        0, ge=0, description="epoch cap of the optional fine-tune recipe (plateau protocol of `train`); 0 skips it"
+    )
+    n_bootstrap: int = Field(1000, ge=100, description="bootstrap replicates (seeds and test samples resampled)")
+    # Five: with four candidates a weighted tau takes few distinct values and one swap moves it by ~0.3.
+    min_candidates: int = Field(
+        5, ge=3, description="below this many candidates with an estimate: 'too few candidates to judge'"
+    )
+    # Published top-1 of the TF EfficientNet-Lite release; other sources are unknown unless listed here.
+    imagenet_top1: dict[str, float] = Field(
+        {"efficientnet_lite0": 75.1, "efficientnet_lite1": 76.7, "efficientnet_lite2": 77.6},
+        description="source name -> published ImageNet top-1 (%), a data-free ranking every estimator must beat",
+    )
 
 
 class TrainParams(Section):
+    """The one training protocol of train@, agreement and diagnose (transferlab.training.train_protocol)."""
+
     source: str = Field("efficientnet_lite0", description="a key of `sources`, or 'auto' (the score stage's pick)")
+    # Training seeds (model init, batch order, augmentation); the data split uses the top-level `seed`.
+    # Two seeds are the least that shows seed variance; intervals of a gain resample them.
+    seeds: list[int] = Field([0, 1], min_length=1, description="one converged run per seed for every strategy")
     batch_size: int = Field(32, ge=1)
-    epochs: int = Field(6, ge=1, description="upper bound; early stopping usually ends sooner")
-    patience: int = Field(2, ge=1, description="epochs without val-accuracy gain before stopping")
+    # A cap, not a budget: the default run must reach a plateau well before it (recorded per run).
+    epochs: int = Field(60, ge=1, description="epoch cap; a run that reaches it without a plateau is under-trained")
+    patience: int = Field(5, ge=1, description="epochs without a val loss or val accuracy gain before stopping")
+    lr_patience: int = Field(2, ge=1, description="epochs without a val loss gain before the rate is cut")
+    lr_factor: float = Field(0.3, gt=0, lt=1, description="reduce-on-plateau factor")
+    min_delta: float = Field(1e-3, ge=0, description="val loss decrease (absolute, nats) that counts as progress")
+    # Multipliers of each strategy's own `lr`, each tried for `lr_search_epochs` on the first seed and
+    # chosen on validation accuracy: the same search budget for every strategy, scratch included.
+    lr_grid: list[float] = Field([0.3, 1.0, 3.0], min_length=1, description="lr multipliers tried on validation")
+    lr_search_epochs: int = Field(2, ge=1, description="epochs per rate of the grid")
+    lr_grid_extend: int = Field(
+        1, ge=0, description="extra grid steps beyond an edge when the best rate sits on it (each side)"
+    )
     weight_decay: float = Field(1e-4, ge=0)
     # Light augmentation (random shift, + horizontal flip) is standard for small image sets; use "crop"
     # where a mirror image changes the class (digits, text).
     augment: Literal["none", "crop", "crop_flip"] = "crop_flip"
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")
+    # Resolved when a stage runs (transferlab.device.resolve_device), not here: validation must not import
+    # torch. CUDA runs use mixed precision and are reproducible on the same card, not bit-identical to CPU.
+    device: str = Field("auto", description="auto (CUDA when available, else CPU) | cpu | cuda | cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.fullmatch(value):
+            raise ValueError(f"'{value}' is not a device (expected {DEVICE_CHOICES})")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value) or any(v < 0 for v in value):
+            raise ValueError(f"must be distinct non-negative integers (got {value})")
+        return value
+
+    @field_validator("lr_grid")
+    @classmethod
+    def _positive_multipliers(cls, value: list[float]) -> list[float]:
+        if any(v <= 0 for v in value):
+            raise ValueError(f"multipliers must be positive (got {value})")
+        return value
 
 
 class TuneParams(Section):
@@ -156,9 +218,16 @@ class EvaluateParams(Section):
 class BaselineParams(Section):
     """The honest classical baseline: multinomial logistic regression on raw (grayscale) pixels."""
 
-    # Strong L2 (small C) because 1,000 samples x 4,096 pixels is a wide problem.
-    C: float = Field(0.01, gt=0, description="inverse L2 strength of the logistic regression")
+    # Chosen on validation like every strategy's rate; small C (strong L2) suits 1,000 samples x 2,304 pixels.
+    C_grid: list[float] = Field([0.001, 0.01, 0.1], min_length=1, description="inverse L2 strengths tried on val")
     max_iter: int = Field(300, ge=10)
+
+    @field_validator("C_grid")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(v <= 0 for v in value):
+            raise ValueError(f"must be positive (got {value})")
+        return value
 
 
 class CompareParams(Section):
@@ -170,15 +239,38 @@ class CompareParams(Section):
 class DiagnoseParams(Section):
     """Thresholds and budgets of the diagnosis; every threshold is written beside its evidence."""
 
-    probe_images: int = Field(256, ge=16, description="target images used for CKA, BN gaps, MMD, forgetting probes")
+    probe_images: int = Field(
+        256, ge=16, description="target images (seeded, stratified by class) for CKA, BN gaps, MMD, forgetting probes"
+    )
     overfit_gap_threshold: float = Field(0.15, ge=0, le=1, description="train-val accuracy gap that flags over-fitting")
     proxy_agreement_threshold: float = Field(
         0.5, ge=0, le=1, description="flag forgetting when the source head agrees with itself on fewer probe images"
+    )
+    # Half a standard deviation, averaged over layers: the source's own BN statistics are its domain's
+    # evidence; a model on its own domain sits near 0 (sampling noise only).
+    bn_gap_threshold: float = Field(
+        0.5, ge=0, description="mean standardised BatchNorm mean gap (source stats vs target) that flags shift"
+    )
+    source_images: str | None = Field(
+        None,
+        description="folder of source-domain images (searched recursively) for MMD / proxy A-distance of the "
+        "selected source; null: those are reported as not measurable offline",
     )
     pad_threshold: float = Field(
         1.0, ge=0, le=2, description="proxy A-distance above which (and MMD p<0.05) flags shift"
     )
     mmd_permutations: int = Field(200, ge=20)
+    # Half the pre-training side: the deepest stages are then 1-2 pixels wide at stride 32.
+    resolution_ratio_threshold: float = Field(
+        0.5, gt=0, le=1, description="flag a target image size below this fraction of the source's input size"
+    )
+    # 2x keeps the remedy's extra forward passes at about 4x the features stage's cost.
+    resolution_upsample_factor: int = Field(
+        2, ge=2, le=8, description="remedy run: features at min(source size, factor x target size)"
+    )
+    failed_accuracy_margin: float = Field(
+        0.05, ge=0, le=1, description="best val accuracy within this of chance (1/C) means training failed"
+    )
     forgetting_source: str | None = Field(
         "mnist_cnn", description="a `pipeline` source: exact forgetting and the lr sweep run on it (null: skip)"
     )
@@ -187,12 +279,16 @@ class DiagnoseParams(Section):
     )
     # Four decades around the usual fine-tuning rates; 0.1 is there to show what wrecking the source looks like.
     lr_sweep: list[float] = Field([1e-4, 1e-2, 1e-1], description="rates of the sweep, plus finetune_full's own")
-    sweep_epochs: int = Field(1, ge=1)
+    sweep_epochs: int = Field(
+        1, ge=1, description="epochs per extra sweep rate (finetune_full's own rate: train recipe)"
+    )
     lr_spread_threshold: float = Field(
-        0.1, ge=0, le=1, description="target-accuracy spread over the sweep that flags it"
+        0.1, ge=0, le=1, description="validation-accuracy spread over the sweep that flags it"
     )
     l2sp_alpha: float = Field(1.0, gt=0, description="L2-SP strength of the forgetting remedy")
-    remedy_epochs: int = Field(8, ge=1, description="epochs of the AdaBN remedy's head")
+    remedy_epochs: int | None = Field(
+        None, ge=1, description="cap on remedy runs' epochs (tiny test configs); null: the pipeline's train recipe"
+    )
     n_bootstrap: int = Field(1000, ge=100)
 
     @field_validator("lr_sweep")

@@ -52,7 +52,7 @@ def gain_png(rows: list[dict], title: str, path: str | Path) -> Path:
     colors = ["tab:green" if r["ci_low"] > 0 else "tab:red" if r["ci_high"] < 0 else "tab:gray" for r in rows]
     ax.barh(names, gain, xerr=[lo, hi], color=colors, capsize=4)
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlabel("test accuracy gain over baseline (percentage points, 95% CI)")
+    ax.set_xlabel("test accuracy gain over baseline (percentage points; bars: the configured CI)")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -82,6 +82,34 @@ def agreement_png(frame, path: str | Path) -> Path:
     for ax in list(axes.flat)[len(estimators) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def compute_png(curves: list[dict], path: str | Path) -> Path:
+    """Validation accuracy against cumulative training compute (GFLOPs, log scale), one line per strategy
+    and seed: where transfer pays off against training from scratch at equal compute."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = sorted({c["name"] for c in curves})
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    for name in names:
+        seeds = sorted({c["seed"] for c in curves if c["name"] == name})
+        for k, seed in enumerate(seeds):
+            pts = sorted(
+                (c["train_gflops"], c["val_accuracy"]) for c in curves if c["name"] == name and c["seed"] == seed
+            )
+            x, y = zip(*pts, strict=True)
+            ax.plot(x, y, marker=".", color=colors[name], alpha=0.85, label=name if k == 0 else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute (GFLOPs, forward + backward ~ 3x forward, cumulative)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("accuracy against training compute (one line per seed)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -5,17 +5,20 @@ and so that a near-domain source can be contrasted with ImageNet ones."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import timm
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from transferlab.data import prepare_splits
 from transferlab.io import save_torch, write_npy
 from transferlab.params import DataParams
-from transferlab.strategies.base import Strategy, StrategyConfig
-from transferlab.training import TrainResult, fit, image_batches, predict_logits
+
+if TYPE_CHECKING:
+    import torch
+
+    from transferlab.training import TrainResult
+
+# params validation reads `PretrainSpec`: torch, timm and the training loop are imported by `pretrain` only.
 
 
 class PretrainSpec(BaseModel):
@@ -45,7 +48,12 @@ def pretrain(
         (result, source_test, metrics): the trained model, the held-out source test split {images, labels,
         class_names}, and {source_test_accuracy, ...}.
     """
-    from transferlab.data import load_dataset
+    import timm
+    import torch
+
+    from transferlab.data import load_dataset, prepare_splits
+    from transferlab.strategies.base import Strategy, StrategyConfig
+    from transferlab.training import fit, image_batches, predict_logits
 
     data_params = DataParams(
         dataset=spec.dataset,

@@ -7,6 +7,13 @@ import base64
 import html
 from pathlib import Path
 
+# What each figure shows, for people (not its file name).
+FIGURE_TITLES = {
+    "gain_over_scratch.png": "Test accuracy gain over scratch, with its interval",
+    "compute.png": "Validation accuracy against training compute (transfer vs scratch at equal compute)",
+    "agreement.png": "Did the source ranking predict what training achieved? (estimate vs achieved accuracy)",
+}
+
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
@@ -23,70 +30,110 @@ def build_sections(
     base = summary["baseline"]
     key = f"gain_vs_{base}"
     rows = summary["strategies"]
-    best = summary["best_strategy"]
-    transfer = {n: r for n, r in rows.items() if key in r and n != "raw_pixel_logreg"}
-    best_transfer = max(transfer, key=lambda n: rows[n]["test_accuracy"]) if transfer else best
-    raw = rows.get("raw_pixel_logreg")
-    rec = (
-        f"Use **{best_transfer}** from source **{score.get('train_source', score.get('selected'))}**: test accuracy "
-        f"{_pct(rows[best_transfer]['test_accuracy'])}"
-        + (
-            f", {_pp(rows[best_transfer][key]['accuracy'])} over {base} (95% CI)."
-            if key in rows[best_transfer]
-            else "."
+    pct_ci = f"{round(100 * summary['confidence'])}% CI"
+    rec_info = summary.get("recommendation", {})
+    choice = rec_info.get("choice")
+    source = score.get("train_source", score.get("selected"))
+    if choice is None:
+        rec = "No recommendation: " + rec_info.get("reason", "no model can be trusted")
+    elif rec_info.get("classical_baseline_wins"):
+        rec = (
+            f"**Use the baseline; transfer does not pay here.** {rec_info['reason']}. Test accuracy "
+            f"{_pct(rows[choice]['test_accuracy'])}."
         )
-    )
-    vs_raw = next(
-        (
-            f["evidence"]["gain_vs"].get("raw_pixel_logreg")
-            for f in diagnosis.get("findings", [])
-            if f["type"] == "negative_transfer" and f["subject"] == best_transfer
-        ),
-        None,
-    )
-    if raw and vs_raw:
-        beats = "clearly beats it" if vs_raw["ci_low"] > 0 else "does not clearly beat it (the interval includes zero)"
-        if vs_raw["ci_high"] < 0:
-            beats = "is worse than it: the pre-trained features do not earn their cost here"
-        rec += (
-            f" A logistic regression on raw pixels reaches {_pct(raw['test_accuracy'])}; {best_transfer} "
-            f"{beats}: {_pp(vs_raw)}."
-        )
-    sections: list[tuple[str, str, list[list[str]] | None]] = [("Recommendation", rec, None)]
-    table = [["model", "test accuracy", "macro F1", f"accuracy gain vs {base} (95% CI)", "verdict", "train s"]]
-    for n in summary["ranking"]:
+    else:
+        rec = f"Use **{choice}** from source **{source}**: {rec_info.get('reason', '')}."
+    sections: list[tuple[str, str, list[list[str]] | None]] = [
+        ("Recommendation", rec + " (Chosen on the validation split; the test split only reports.)", None),
+        ("Protocol", summary.get("protocol", ""), None),
+    ]
+    table = [
+        [
+            "model",
+            "val accuracy",
+            "test accuracy",
+            "macro F1",
+            "seeds (test acc.)",
+            f"accuracy gain vs {base} ({pct_ci})",
+            "verdict",
+            "converged",
+            "lr",
+            "train s",
+        ]
+    ]
+    for n in summary.get("ranking_by_val", sorted(rows)):
         r = rows[n]
+        per_seed = r.get("per_seed_test_accuracy", {})
         table.append(
             [
                 n,
+                _pct(r.get("val_accuracy")),
                 _pct(r["test_accuracy"]),
                 f"{r['macro_f1']:.3f}",
+                ", ".join(_pct(v) for v in per_seed.values()) or "deterministic",
                 _pp(r[key]["accuracy"]) if key in r else "—",
-                r.get("verdict", "baseline"),
+                r.get("verdict", "baseline" if n == base else "classical bar"),
+                ("no (training failed)" if r.get("training_failed") else "yes" if r.get("converged") else "no")
+                if "converged" in r
+                else "closed form",
+                f"{r['lr']:g}" if r.get("lr") else "—",
                 f"{timings[n]:.0f}" if n in timings else "—",
             ]
         )
     sections.append(
         (
-            "Every strategy against scratch",
+            "Every model against scratch, the classical bar included",
             f"{data['test_samples']} test images, {data['train_samples']} training labels "
-            f"({data['num_classes']} classes). Paired bootstrap over the test samples ({summary['n_bootstrap']} "
-            "resamples). 'inconclusive' means the interval contains zero.",
+            f"({data['num_classes']} classes). Intervals: {summary.get('interval_covers', 'test samples')}, "
+            f"{summary['n_bootstrap']} replicates. 'inconclusive' means the interval contains zero; "
+            "'inconclusive (under-trained)' or '(training failed)' means no verdict can be drawn.",
+            table,
+        )
+    )
+    table = [
+        [
+            "strategy",
+            "GFLOPs to its best epoch",
+            "its val acc.",
+            "scratch val acc. at that compute",
+            "scratch GFLOPs to match",
+        ]
+    ]
+    for n, r in rows.items():
+        ec = r.get("equal_compute")
+        if not ec:
+            continue
+        at = ec["scratch_val_accuracy_at_that_compute"]
+        match = ec["scratch_gflops_to_match"]
+        table.append(
+            [
+                n,
+                f"{ec['strategy_gflops']:.1f}",
+                _pct(ec["strategy_val_accuracy"]),
+                _pct(at) if at is not None else "below one scratch epoch",
+                f"{match:.1f}" if match is not None else f"not reached ({ec['scratch_reached_in_seeds']} seeds)",
+            ]
+        )
+    sections.append(
+        (
+            "Transfer against training from scratch at equal compute",
+            "Training compute = forward + backward (about 3x the forward FLOPs) per training image seen; "
+            "validation accuracy, so the test split stays untouched. Figure: accuracy against compute.",
             table,
         )
     )
     est_names = [
         k
-        for k in ("logme", "leep", "nce", "hscore_shrinkage", "knn_accuracy", "linear_probe_accuracy")
+        for k in ("logme", "leep", "nce", "hscore", "hscore_shrinkage", "sfda", "knn_accuracy", "linear_probe_accuracy")
         if any(k in c for c in score["candidates"].values())
     ]
     table = [["candidate", "rank", *est_names, "params (M)", "GFLOPs/img", "train-step MB"]]
-    for n in score["ranking"]:
+    for n in [*score["ranking"], *score.get("unranked", [])]:
         c = score["candidates"][n]
         table.append(
             [
                 n + (" (selected)" if n == score["selected"] else ""),
-                str(c["rank"]),
+                "unranked" if c.get("rank") is None else str(c["rank"]),
                 *[("—" if c.get(e) is None else f"{c[e]:.3f}") for e in est_names],
                 f"{c.get('params_millions', 0):.2f}",
                 f"{c.get('gflops_per_image', 0):.3f}",
@@ -97,7 +144,9 @@ def build_sections(
     sections.append(
         (
             "Source candidates (one forward pass each)",
-            f"Ranked by {score['select_by']}. Not selectable: {excluded or 'none'}.",
+            f"Ranked by {score['select_by']}. Not selectable: {excluded or 'none'}. '—': the estimate is "
+            "undefined here (e.g. H-score and SFDA saturate when the feature rank reaches the sample count; "
+            "the reason is in metrics/score.json) and is left out of the ranking and the agreement.",
             table,
         )
     )
@@ -152,7 +201,7 @@ def to_html(sections: list, images: list[Path]) -> str:
         if img.is_file():
             data = base64.b64encode(img.read_bytes()).decode()
             body.append(
-                f'<h3>{html.escape(img.name)}</h3><img alt="{html.escape(img.name)}" '
+                f'<h3>{html.escape(FIGURE_TITLES.get(img.name, img.stem))}</h3><img alt="{html.escape(img.name)}" '
                 f'src="data:image/png;base64,{data}">'
             )
     style = (

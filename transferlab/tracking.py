@@ -1,5 +1,6 @@
 """MLflow tracking and provenance: one MLflow run per stage execution, tagged with the stage, strategy,
-git commit (and dirty flag) and params hash; `run_info` gathers what an auditor needs beside a model.
+git commit (and dirty flag) and params hash; `run_info` gathers what an auditor needs into a provenance
+record (`runs/<stage>/<name>.json`), kept outside every output another stage depends on.
 
 The DVC metrics files stay the source of truth; MLflow is the audit trail and the UI.
 """
@@ -66,9 +67,12 @@ def git_info(cwd: str | Path = ".") -> dict[str, Any]:
         commit = git("rev-parse", "HEAD")
         # dvc.lock and generated outputs change during `dvc repro` itself; code and params are what count.
         dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"))
+        # Which files: an auditor tells outputs rewritten earlier in the same `dvc repro` (metrics files
+        # tracked by git) from edited code or params.
+        paths = git("diff", "--name-only", "HEAD", "--", ".", ":!dvc.lock").splitlines() if dirty else []
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {"git_commit": "unknown", "git_dirty": True}
-    return {"git_commit": commit, "git_dirty": dirty}
+    return {"git_commit": commit, "git_dirty": dirty, "git_dirty_paths": sorted(paths)[:200]}
 
 
 def library_versions() -> dict[str, str]:
@@ -130,7 +134,7 @@ def stage_run(
     all_tags = {
         "stage": stage,
         "params_sha256": dict_sha256(params),
-        **{k: str(v) for k, v in git_info().items()},
+        **{k: ",".join(v)[:4000] if isinstance(v, list) else str(v) for k, v in git_info().items()},
         **({"strategy": strategy} if strategy else {}),
         **(tags or {}),
     }
@@ -149,7 +153,7 @@ def _current_uri() -> str:
 
 
 def run_info(run: Any, stage: str, params: dict[str, Any], inputs: dict[str, str], extra: dict | None = None) -> dict:
-    """What `run_info.json` beside a model holds: resolved params, versions, git, input hashes, MLflow run."""
+    """What a provenance record in `runs/` holds: resolved params, versions, git, input hashes, MLflow run."""
     return {
         "stage": stage,
         "mlflow_run_id": run.info.run_id,

@@ -1,6 +1,22 @@
-"""The training loop every strategy shares: seeded batches, light augmentation, cosine learning rate,
-per-epoch train/val loss and accuracy, early stopping on validation accuracy with the best weights kept,
-and a clear error when the loss diverges."""
+"""The training protocol every strategy shares, so that every number means the same thing.
+
+* `fit`: seeded batches, light augmentation, a one-epoch linear warm-up, then reduce-on-plateau of the
+  learning rate on the validation loss (a schedule defined over the epochs actually run), early stopping
+  once neither the validation loss nor the validation accuracy has improved for `patience` epochs, the
+  best epoch's weights kept (by validation accuracy, ties by validation loss). Whether a plateau was
+  reached before the epoch cap is recorded with its evidence (`TrainResult.convergence`); a model that
+  hit the cap is "under-trained" and no verdict is drawn from it.
+* `training_failure`: accuracy near chance, a loss that never fell below ln(C), or a divergence is a
+  finding ("training failed"), with the measured loss curve, gradient norm and learning rate.
+* `train_protocol`: the learning rate chosen from a small grid on the validation split (the same grid
+  and budget for every strategy, scratch included), then one run to a plateau per training seed.
+
+Devices (`device=`, default the CPU): batches are built on the CPU (the seeded generator that shuffles and
+augments stays there, so a CPU and a GPU run draw the same batches) and moved with
+`.to(device, non_blocking=True)`; the model and the labels live on the device; on CUDA the forward pass
+runs under autocast (`transferlab.device`). `train_strategy` hands its model back on the CPU, ready to
+save. On the CPU every step is exactly the plain float32 loop.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +26,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from transferlab.backbones import SourceModel, count_params, to_input
+from transferlab.device import as_device, autocast_context, make_grad_scaler
 from transferlab.strategies import Strategy, StrategyConfig
 
 log = logging.getLogger(__name__)
@@ -33,10 +51,18 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     best_val_accuracy: float = 0.0
+    best_val_loss: float = float("inf")
     stopped_early: bool = False
     train_seconds: float = 0.0
     trainable_params: int = 0
     total_params: int = 0
+    images_seen: int = 0
+    # {"converged", "stopped_by": "plateau" | "cap", "epoch_cap", "epochs_without_improvement", ...}
+    convergence: dict = field(default_factory=dict)
+
+    @property
+    def converged(self) -> bool:
+        return bool(self.convergence.get("converged", False))
 
 
 def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
@@ -57,17 +83,52 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Ten
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, inputs: Callable[[np.ndarray], torch.Tensor], n: int, batch_size: int = 256
+    model: nn.Module,
+    inputs: Callable[[np.ndarray], torch.Tensor],
+    n: int,
+    batch_size: int = 256,
+    *,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Logits of `model` (eval mode) over n samples; `inputs(idx)` builds a batch."""
-    model.eval()
-    out = [model(inputs(np.arange(i, min(i + batch_size, n)))) for i in range(0, n, batch_size)]
+    """Logits of `model` (eval mode) over n samples; `inputs(idx)` builds a batch (on the CPU).
+
+    `model` is moved to `device` (default: where its parameters already are, the CPU for a freshly built
+    or loaded model) and left there; each batch is moved there too. The logits come back as float32 on
+    the CPU whatever the device.
+    """
+    device = module_device(model) if device is None else as_device(device)
+    model.to(device).eval()
+    with autocast_context(device):
+        out = [
+            model(inputs(np.arange(i, min(i + batch_size, n))).to(device, non_blocking=True)).float().cpu()
+            for i in range(0, n, batch_size)
+        ]
     return torch.cat(out).float()
 
 
-def predict_images(model: nn.Module, images: np.ndarray, mean: tuple, std: tuple) -> torch.Tensor:
-    """Logits of `model` (eval mode) over uint8 (N, H, W, 3) images, normalised with `mean` / `std`."""
-    return predict_logits(model, lambda idx: to_input(images[idx], mean, std), len(images))
+def predict_images(
+    model: nn.Module, images: np.ndarray, mean: tuple, std: tuple, *, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Logits of `model` (eval mode, moved to `device`) over uint8 (N, H, W, 3) images, normalised with
+    `mean` / `std`; float32 on the CPU."""
+    return predict_logits(model, lambda idx: to_input(images[idx], mean, std), len(images), device=device)
+
+
+def module_device(model: nn.Module) -> torch.device:
+    """The device of a module's first parameter (or buffer); the CPU for a module with neither."""
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        first = next(iter(model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _on_device(
+    inputs: Callable[[np.ndarray, bool], torch.Tensor], device: torch.device
+) -> Callable[[np.ndarray, bool], torch.Tensor]:
+    """`inputs` with each batch moved to `device` (built on the CPU by the seeded generator, then moved)."""
+    if device.type == "cpu":
+        return inputs
+    return lambda idx, train: inputs(idx, train).to(device, non_blocking=True)
 
 
 def fit(
@@ -85,8 +146,13 @@ def fit(
     weight_decay: float,
     generator: torch.Generator,
     label: str = "",
+    lr_patience: int | None = None,
+    lr_factor: float = 0.3,
+    min_delta: float = 1e-3,
+    warmup: bool = True,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
-    """Train `model` with early stopping on validation accuracy; the best epoch's weights are restored.
+    """Train `model` to a validation plateau (or the epoch cap); the best epoch's weights are restored.
 
     Args:
         model: the module whose output is the logits (the whole network, or just the head for
@@ -94,43 +160,68 @@ def fit(
         strategy, cfg: the strategy (its optimizer param groups, epoch hook, BatchNorm policy) and config.
         train_inputs, val_inputs: `fn(indices, train)` -> input batch (augmented when train is True).
         train_labels, val_labels: int labels.
-        epochs, batch_size, patience, weight_decay: the recipe (params `train`, `strategies.<name>`).
+        epochs: the epoch cap; a run that reaches it without a plateau is marked under-trained.
+        batch_size, weight_decay: the recipe (params `train`, `strategies.<name>`).
+        patience: epochs without a validation improvement (loss lower by more than `min_delta`, an
+            absolute amount, or accuracy higher) before stopping: the plateau. Absolute, because on a
+            separable problem the loss keeps shrinking by a constant fraction long after nothing changes.
         generator: seeded generator for shuffling and augmentation.
         label: name for progress bars and errors.
+        lr_patience: epochs without a validation-loss improvement before the rate is multiplied by
+            `lr_factor` (default: patience // 2, at least 1).
+        warmup: a linear warm-up of the rate over the first epoch's steps (from 10%).
+        device: where the model, the batches and the labels live (default: the CPU, plain float32). On
+            CUDA the forward pass and the loss run under autocast (bfloat16, or float16 with loss scaling;
+            see `transferlab.device`); the generator stays on the CPU.
 
     Returns:
-        TrainResult with the best model, the per-epoch history and the training time.
+        TrainResult with the best model (left on `device`), the per-epoch history (with the rate and the mean gradient
+        norm), the images seen and the convergence evidence.
 
     Raises:
         DivergenceError: the loss became NaN/inf.
     """
+    device = as_device(device)
+    model.to(device)  # before the optimizer: it holds the parameters where they live
+    strategy.move_to(model, device)
+    train_inputs, val_inputs = _on_device(train_inputs, device), _on_device(val_inputs, device)
+    # Labels stay indexable by the CPU permutation; each batch's labels are moved with the batch.
     y_train = torch.as_tensor(train_labels, dtype=torch.long)
     y_val = torch.as_tensor(val_labels, dtype=torch.long)
     n = len(y_train)
     steps_per_epoch = math.ceil(n / batch_size)
+    scaler = make_grad_scaler(device)  # a pass-through except for float16 autocast on CUDA
     optimizer = torch.optim.AdamW(strategy.param_groups(model, cfg), weight_decay=weight_decay)
-    total_steps = epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    lr_patience = max(1, patience // 2) if lr_patience is None else lr_patience
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=lr_factor, patience=lr_patience, threshold=min_delta, threshold_mode="abs"
     )
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
     result = TrainResult(model=model)
-    best_state, best_acc, since_best = None, -1.0, 0
+    best_state, best_key = None, (-1.0, float("inf"))
+    best_loss, since_improve, lr_reductions = float("inf"), 0, 0
     start = time.perf_counter()
     strategy.before_training(model, cfg, train_inputs, n)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(range(1, epochs + 1), desc=f"train {label}", disable=None, leave=False)
     for epoch in bar:
         strategy.on_epoch_start(model, epoch, cfg, optimizer)
         strategy.set_train_mode(model)
         order = torch.randperm(n, generator=generator).numpy()
-        loss_sum, correct = 0.0, 0
+        loss_sum, correct, grad_sq_sum = 0.0, 0, 0.0
         for step in range(steps_per_epoch):
+            if warmup and epoch == 1:
+                for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                    g["lr"] = base * (0.1 + 0.9 * step / steps_per_epoch)
             idx = order[step * batch_size : (step + 1) * batch_size]
             inputs = train_inputs(idx, True)
-            logits = model(inputs)
-            loss = strategy.loss(logits, y_train[idx], inputs, cfg)
-            extra = strategy.penalty(model, cfg)
-            if extra is not None:
-                loss = loss + extra
+            targets = y_train[idx].to(device, non_blocking=True)
+            with autocast_context(device):
+                logits = model(inputs)
+                loss = strategy.loss(logits, targets, inputs, cfg)
+                extra = strategy.penalty(model, cfg)
+                if extra is not None:
+                    loss = loss + extra
             if not torch.isfinite(loss):
                 lrs = [g["lr"] for g in optimizer.param_groups]
                 raise DivergenceError(
@@ -139,37 +230,103 @@ def fit(
                     "are kept."
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # true gradients for the norm below (no-op unless float16 on CUDA)
+            grads = [p.grad for p in trainable if p.grad is not None]
+            if grads:
+                sq = float(torch.stack([g.float().pow(2).sum() for g in grads]).sum())
+                # float16 overflow: the scaler skips this step and lowers its scale; keep the norm finite.
+                if math.isfinite(sq) or not scaler.is_enabled():
+                    grad_sq_sum += sq
+            scaler.step(optimizer)
+            scaler.update()
             loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y_train[idx]).sum())
-        val_logits = predict_logits(model, lambda i: val_inputs(i, False), len(y_val))
+            correct += int((logits.argmax(1) == targets).sum())
+        if warmup and epoch == 1:
+            for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                g["lr"] = base
+        result.images_seen += n
+        val_logits = predict_logits(model, lambda i: val_inputs(i, False), len(y_val), device=device)
         val_loss = float(F.cross_entropy(val_logits, y_val))
         val_acc = float((val_logits.argmax(1) == y_val).float().mean())
         row = {
             "epoch": epoch,
+            "lr": float(f"{optimizer.param_groups[-1]['lr']:.6g}"),
             "train_loss": round(loss_sum / n, 6),
             "train_accuracy": round(correct / n, 6),
             "val_loss": round(val_loss, 6),
             "val_accuracy": round(val_acc, 6),
+            "grad_norm": round(math.sqrt(grad_sq_sum / steps_per_epoch), 6),
         }
         result.history.append(row)
         bar.set_postfix(val_acc=f"{val_acc:.3f}")
         log.info("%s epoch %d: %s", label, epoch, row)
-        if val_acc > best_acc:
-            best_acc, since_best, result.best_epoch = val_acc, 0, epoch
+        improved = False
+        if val_loss < best_loss - min_delta:
+            best_loss, improved = val_loss, True
+        if (val_acc, -val_loss) > (best_key[0], -best_key[1]):
+            improved = improved or val_acc > best_key[0]
+            best_key, result.best_epoch = (val_acc, val_loss), epoch
             best_state = copy.deepcopy(model.state_dict())
-        else:
-            since_best += 1
-            if since_best >= patience:
-                result.stopped_early = epoch < epochs
-                break
+        since_improve = 0 if improved else since_improve + 1
+        if since_improve >= patience:
+            result.stopped_early = epoch < epochs
+            break
+        before = [g["lr"] for g in optimizer.param_groups]
+        plateau.step(val_loss)
+        lr_reductions += int(any(g["lr"] < b for g, b in zip(optimizer.param_groups, before, strict=True)))
     result.train_seconds = time.perf_counter() - start
     model.load_state_dict(best_state)
     model.eval()
-    result.best_val_accuracy = best_acc
+    result.best_val_accuracy, result.best_val_loss = best_key
+    result.convergence = {
+        "converged": since_improve >= patience,
+        "stopped_by": "plateau" if since_improve >= patience else "cap",
+        "epoch_cap": epochs,
+        "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch,
+        "patience": patience,
+        "epochs_without_improvement": since_improve,
+        "lr_reductions": lr_reductions,
+        "final_lr": result.history[-1]["lr"],
+        # The evidence: how much the last `patience` epochs gained over the best before them.
+        "val_accuracy_gain_last_epochs": _recent_gain(result.history, patience),
+    }
     return result
+
+
+def _recent_gain(history: list[dict], window: int) -> float | None:
+    """Best val accuracy of the last `window` epochs minus the best before them (<= 0 on a plateau)."""
+    if len(history) <= window:
+        return None
+    before = max(r["val_accuracy"] for r in history[:-window])
+    recent = max(r["val_accuracy"] for r in history[-window:])
+    return round(recent - before, 6)
+
+
+def training_failure(history: list[dict], num_classes: int, best_val_accuracy: float) -> str | None:
+    """Why a finished training run counts as failed, or None.
+
+    Failed: the best validation accuracy stays within 10% of the way from chance (1/C) to perfect, or the
+    training loss never fell below 90% of ln(C) (the loss of a uniform guess).
+    """
+    chance = 1.0 / num_classes
+    near_chance = best_val_accuracy <= chance + 0.1 * (1 - chance)
+    min_loss = min(r["train_loss"] for r in history)
+    flat = min_loss >= 0.9 * math.log(num_classes)
+    if not (near_chance or flat):
+        return None
+    parts = []
+    if near_chance:
+        parts.append(f"best val accuracy {best_val_accuracy:.3f} is near chance ({chance:.3f})")
+    if flat:
+        parts.append(f"training loss never fell below 90% of ln(C) = {math.log(num_classes):.3f} (min {min_loss:.3f})")
+    first, last = history[0], history[-1]
+    parts.append(
+        f"loss {first['train_loss']:.3f} -> {last['train_loss']:.3f}, grad norm {first.get('grad_norm')} -> "
+        f"{last.get('grad_norm')}, lr {first.get('lr')} -> {last.get('lr')}"
+    )
+    return "; ".join(parts)
 
 
 def image_batches(
@@ -207,20 +364,28 @@ def train_strategy(
     generator: torch.Generator,
     features: dict[str, np.ndarray] | None = None,
     label: str = "",
+    device: torch.device | str | None = None,
+    **schedule: Any,
 ) -> TrainResult:
     """Build the strategy's model from the source and train it on the prepared splits.
 
     Strategies with `uses_features` train their head on `features` (the cache of the frozen
-    backbone's penultimate features); the others train on the images.
+    backbone's penultimate features); the others train on the images. `schedule` passes
+    `lr_patience`, `lr_factor`, `min_delta` and `warmup` on to `fit`. Training runs on `device` (default:
+    the CPU); the returned model is back on the CPU, ready to save.
 
     Raises:
         ValueError: a feature strategy got no features cache.
         DivergenceError: see `fit`.
     """
+    device = as_device(device)
     if hasattr(strategy, "set_data"):  # strategies that train helpers of their own (a distillation teacher)
-        strategy.set_data(images, labels)
+        strategy.set_data(images, labels, device=device)
     model = strategy.build(source, num_classes, cfg, seed)
     trainable, total = count_params(model)
+    recipe = dict(
+        epochs=epochs, batch_size=batch_size, patience=patience, weight_decay=weight_decay, device=device, **schedule
+    )
     if strategy.uses_features:
         if features is None:
             raise ValueError(f"{label}: strategy '{strategy.name}' needs the features cache (features@<source>)")
@@ -233,12 +398,9 @@ def train_strategy(
             labels["train"],
             tensor_batches(features["val"]),
             labels["val"],
-            epochs=epochs,
-            batch_size=batch_size,
-            patience=patience,
-            weight_decay=weight_decay,
             generator=generator,
             label=label,
+            **recipe,
         )
         result.model = model.eval()
     else:
@@ -250,12 +412,171 @@ def train_strategy(
             labels["train"],
             image_batches(images["val"], source, "none", generator),
             labels["val"],
-            epochs=epochs,
-            batch_size=batch_size,
-            patience=patience,
-            weight_decay=weight_decay,
             generator=generator,
             label=label,
+            **recipe,
         )
+    if device.type != "cpu":  # hand the model back where it is saved and evaluated from
+        result.model = result.model.to("cpu")
+        strategy.move_to(result.model, torch.device("cpu"))
     result.trainable_params, result.total_params = trainable, total
     return result
+
+
+@dataclass
+class ProtocolResult:
+    """What `train_protocol` found: the rate chosen on validation and one converged run per seed."""
+
+    lr: float
+    lr_search: list[dict]
+    runs: dict[int, TrainResult]
+    failures: dict[int, str]
+
+
+def train_protocol(
+    strategy: Strategy,
+    cfg: StrategyConfig,
+    make_source: Callable[[], SourceModel],
+    images: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    num_classes: int,
+    *,
+    seeds: list[int],
+    lr_grid: list[float],
+    lr_search_epochs: int,
+    lr_grid_extend: int = 1,
+    epochs: int,
+    batch_size: int,
+    patience: int,
+    weight_decay: float,
+    augment: str,
+    num_threads: int = 0,
+    features: dict[str, np.ndarray] | None = None,
+    label: str = "",
+    device: torch.device | str | None = None,
+    **schedule: Any,
+) -> ProtocolResult:
+    """The protocol behind every trained number: rate on validation, then each seed to a plateau.
+
+    1. Learning rate: for each multiplier m of `lr_grid`, a short run (`lr_search_epochs`, first seed)
+       at `cfg.lr * m`; the rate with the best validation accuracy wins (ties: lower validation loss;
+       a rate that diverged or whose short run failed, see `training_failure`, loses); a best rate on
+       an edge of the grid extends it (`lr_grid_extend`). Every strategy gets the same grid and rule,
+       scratch included. The test split is never touched.
+    2. One run per seed in `seeds` at that rate, to a plateau or the cap `epochs`.
+
+    Args:
+        make_source: a fresh source model per run (strategies replace its head in place).
+        seeds: training seeds (model init, batch order, augmentation).
+        lr_grid: multipliers of the configured rate; [1.0] skips the search.
+        lr_grid_extend: when the best rate sits on an edge of the grid, try up to this many more rates
+            beyond that edge (one grid step each).
+        num_threads: torch CPU threads (0: torch's default), set with each seed.
+        device: where every run trains (default: the CPU); the returned models are on the CPU.
+
+    Returns:
+        ProtocolResult: the chosen rate, the search table, the runs by seed, and the seeds whose
+        training failed (see `training_failure`) with the reason.
+
+    Raises:
+        DivergenceError: the chosen rate diverged in a seed's run (after the search let it through).
+    """
+    from transferlab.seeding import seed_everything
+
+    common = dict(
+        epochs=epochs,
+        batch_size=batch_size,
+        patience=patience,
+        weight_decay=weight_decay,
+        augment=augment,
+        features=features,
+        device=device,
+        **schedule,
+    )
+    search: list[dict] = []
+
+    def try_rate(mult: float) -> dict:
+        lr = float(f"{cfg.lr * mult:.6g}")
+        gen = seed_everything(seeds[0], num_threads)
+        row: dict[str, Any] = {"lr_multiplier": float(f"{mult:.6g}"), "lr": lr}
+        try:
+            res = train_strategy(
+                strategy,
+                cfg.model_copy(update={"lr": lr}),
+                make_source(),
+                images,
+                labels,
+                num_classes,
+                seed=seeds[0],
+                generator=gen,
+                label=f"{label} lr={lr:g}",
+                **{**common, "epochs": lr_search_epochs, "patience": lr_search_epochs},
+            )
+            row.update(val_accuracy=round(res.best_val_accuracy, 6), val_loss=round(res.best_val_loss, 6))
+            failed = training_failure(res.history, num_classes, res.best_val_accuracy)
+            if failed:
+                row["failed"] = failed
+        except DivergenceError as exc:
+            row.update(val_accuracy=None, val_loss=None, diverged=str(exc))
+        search.append(row)
+        return row
+
+    def pick() -> dict | None:
+        ok = [r for r in search if r["val_accuracy"] is not None]
+        # A rate whose short run already failed (loss stuck at ln C, accuracy at chance) is out, unless
+        # every rate failed: a lucky validation accuracy must not elect a rate that does not train.
+        ok = [r for r in ok if "failed" not in r] or ok
+        if not ok:
+            return None
+        return max(ok, key=lambda r: (r["val_accuracy"], -r["val_loss"], -abs(math.log(r["lr_multiplier"]))))
+
+    if len(lr_grid) > 1:
+        grid = sorted(lr_grid)
+        for mult in grid:
+            try_rate(mult)
+        # A best rate on the grid's edge says the optimum may lie beyond it: extend by the grid's own
+        # step, `lr_grid_extend` times at most on each side (the same rule for every strategy).
+        low_step, high_step = grid[1] / grid[0], grid[-1] / grid[-2]
+        for _ in range(lr_grid_extend):
+            best = pick()
+            mults = [r["lr_multiplier"] for r in search]
+            if best is None or min(mults) < best["lr_multiplier"] < max(mults):
+                break
+            if best["lr_multiplier"] == max(mults):
+                try_rate(max(mults) * high_step)
+            else:
+                try_rate(min(mults) / low_step)
+        best = pick()
+        if best is None:
+            raise DivergenceError(
+                f"{label}: every rate of the grid {[r['lr'] for r in search]} diverged; lower strategies.{label}.lr"
+            )
+        lr = best["lr"]
+        for r in search:
+            r["chosen"] = r is best
+        search.sort(key=lambda r: r["lr_multiplier"])
+    else:
+        lr = float(cfg.lr * lr_grid[0]) if lr_grid else cfg.lr
+    chosen = cfg.model_copy(update={"lr": lr})
+    runs: dict[int, TrainResult] = {}
+    failures: dict[int, str] = {}
+    for seed in seeds:
+        gen = seed_everything(seed, num_threads)
+        res = train_strategy(
+            strategy,
+            chosen,
+            make_source(),
+            images,
+            labels,
+            num_classes,
+            seed=seed,
+            generator=gen,
+            label=f"{label} seed={seed}",
+            **common,
+        )
+        runs[seed] = res
+        why = training_failure(res.history, num_classes, res.best_val_accuracy)
+        if why:
+            failures[seed] = why
+            log.warning("%s seed %d: training failed: %s", label, seed, why)
+    return ProtocolResult(lr=lr, lr_search=search, runs=runs, failures=failures)

@@ -2,12 +2,15 @@
 
 Each estimator scores one (source model, target dataset) pair from what the source model produces on the
 target data: its penultimate-layer features (LogME, H-score, shrinkage H-score, kNN and linear-probe
-accuracy) or its own classifier's logits (LEEP, NCE). Higher is better for every estimator here; the flag
-on `Estimator` exists so that callers rank sources without special-casing names.
+accuracy, SFDA) or its own classifier's logits (LEEP, NCE). Higher is better for every estimator here; the
+flag on `Estimator` exists so that callers rank sources without special-casing names.
 
 Estimators are registered with `@register_estimator` into `ESTIMATORS` and share one signature,
-``fn(features_or_logits, labels, *, seed) -> float``. `score_all` runs all (or some) of them and returns
-``None`` for logit-based estimators when no source logits are available (e.g. a backbone with no head).
+``fn(features_or_logits, labels, *, seed) -> float``. An estimator that has no meaningful value on the given
+inputs (e.g. H-score once the features can span every centred labelling) raises `UndefinedEstimate` with the
+reason. `score_all` runs all (or some) of them and returns ``None`` for an undefined estimate and for
+logit-based estimators when no source logits are available (e.g. a backbone with no head);
+`score_all_with_reasons` also says why each ``None`` is there.
 
 All estimators work in float64, are deterministic given ``seed`` and tolerate classes with very few samples.
 Labels are integers, normally ``0..C-1``; any integer ids are accepted and re-encoded internally, so every
@@ -21,15 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.covariance import LedoitWolf
-from sklearn.linear_model import RidgeClassifierCV
-from sklearn.model_selection import StratifiedKFold
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 __all__ = [
     "ESTIMATORS",
     "Estimator",
+    "UndefinedEstimate",
     "get_estimator",
     "hscore",
     "hscore_shrinkage",
@@ -40,9 +39,22 @@ __all__ = [
     "nce",
     "register_estimator",
     "score_all",
+    "score_all_with_reasons",
+    "sfda",
 ]
 
 NEEDS = ("features", "logits")
+
+
+class UndefinedEstimate(Exception):  # noqa: N818 - an outcome, not a failure: the estimate does not exist here
+    """The estimator has no meaningful value on these inputs; ``reason`` says why (reported beside a null).
+
+    Not a ValueError: the inputs are valid, and a caller that catches bad input must not swallow this.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,8 @@ class Estimator:
         needs: ``"features"`` (penultimate features) or ``"logits"`` (source classifier logits).
         higher_is_better: Whether a larger score predicts better transfer.
         paper: Citation of the method.
+        definition: One sentence saying what is computed, on which data (written into metrics/score.json so
+            that two numbers with similar names are not confused); the first docstring line by default.
     """
 
     name: str
@@ -62,13 +76,14 @@ class Estimator:
     needs: str
     higher_is_better: bool = True
     paper: str = ""
+    definition: str = ""
 
 
 ESTIMATORS: dict[str, Estimator] = {}
 
 
 def register_estimator(
-    name: str, needs: str, paper: str, higher_is_better: bool = True
+    name: str, needs: str, paper: str, higher_is_better: bool = True, definition: str = ""
 ) -> Callable[[Callable[..., float]], Callable[..., float]]:
     """Decorator registering ``fn`` in `ESTIMATORS` under ``name``; returns ``fn`` unchanged.
 
@@ -77,6 +92,7 @@ def register_estimator(
         needs: ``"features"`` or ``"logits"``.
         paper: Citation of the method.
         higher_is_better: Whether a larger score predicts better transfer.
+        definition: What is computed, in one sentence (default: the first line of ``fn``'s docstring).
 
     Returns:
         The decorator.
@@ -90,7 +106,10 @@ def register_estimator(
         raise ValueError(f"estimator {name!r} is already registered")
 
     def decorator(fn: Callable[..., float]) -> Callable[..., float]:
-        ESTIMATORS[name] = Estimator(name=name, fn=fn, needs=needs, higher_is_better=higher_is_better, paper=paper)
+        text = definition or (fn.__doc__ or "").strip().split("\n")[0]
+        ESTIMATORS[name] = Estimator(
+            name=name, fn=fn, needs=needs, higher_is_better=higher_is_better, paper=paper, definition=text
+        )
         return fn
 
     return decorator
@@ -116,6 +135,46 @@ def get_estimator(name: str) -> Estimator:
         ) from None
 
 
+def score_all_with_reasons(
+    features: np.ndarray,
+    labels: np.ndarray,
+    source_logits: np.ndarray | None,
+    seed: int,
+    names: list[str] | None = None,
+) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Run every registered estimator (or those named) on one source/target pair; say why any is missing.
+
+    Args:
+        features: ``(n, d)`` source-model features of the target samples.
+        labels: ``(n,)`` integer target labels.
+        source_logits: ``(n, Z)`` logits of the source classifier on the target samples, or ``None``.
+        seed: Seed passed to every estimator.
+        names: Estimators to run, in this order; all registered ones (sorted) when ``None``.
+
+    Returns:
+        ``({name: score or None}, {name: reason})``: ``None`` where the estimate is undefined on these inputs
+        (`UndefinedEstimate`) or needs source logits that are not there; the reasons name only those.
+
+    Raises:
+        KeyError: An unknown name in ``names``.
+        ValueError: Invalid features, logits or labels.
+    """
+    selected = [get_estimator(n) for n in (sorted(ESTIMATORS) if names is None else names)]
+    scores: dict[str, float | None] = {}
+    reasons: dict[str, str] = {}
+    for est in selected:
+        if est.needs == "logits" and source_logits is None:
+            scores[est.name] = None
+            reasons[est.name] = "needs source-classifier logits, which this source model does not have"
+            continue
+        try:
+            scores[est.name] = est.fn(source_logits if est.needs == "logits" else features, labels, seed=seed)
+        except UndefinedEstimate as exc:
+            scores[est.name] = None
+            reasons[est.name] = exc.reason
+    return scores, reasons
+
+
 def score_all(
     features: np.ndarray,
     labels: np.ndarray,
@@ -133,20 +192,14 @@ def score_all(
         names: Estimators to run, in this order; all registered ones (sorted) when ``None``.
 
     Returns:
-        ``{name: score}``; ``None`` for logit-based estimators when ``source_logits`` is ``None``.
+        ``{name: score}``; ``None`` for an undefined estimate and for logit-based estimators when
+        ``source_logits`` is ``None`` (`score_all_with_reasons` says which and why).
 
     Raises:
         KeyError: An unknown name in ``names``.
         ValueError: Invalid features, logits or labels.
     """
-    selected = [get_estimator(n) for n in (sorted(ESTIMATORS) if names is None else names)]
-    scores: dict[str, float | None] = {}
-    for est in selected:
-        if est.needs == "logits":
-            scores[est.name] = None if source_logits is None else est.fn(source_logits, labels, seed=seed)
-        else:
-            scores[est.name] = est.fn(features, labels, seed=seed)
-    return scores
+    return score_all_with_reasons(features, labels, source_logits, seed, names)[0]
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -380,6 +433,15 @@ def nce(logits: np.ndarray, labels: np.ndarray, *, seed: int) -> float:
 def hscore(features: np.ndarray, labels: np.ndarray, *, seed: int) -> float:
     """H-score: tr(cov(f)^+ cov(E[f | y])), the Fisher-like separability of the classes in feature space.
 
+    Computed from the thin SVD of the centred features F = U S V^T: tr((F^T F)^+ F^T M F) = ||M U||_F^2, with
+    M the projector that replaces each row by its class mean (M is symmetric and idempotent). This is the
+    plain definition, evaluated in the n x n (dual) space when d > n.
+
+    Undefined when the numerical rank r of the centred features reaches n - 1 (e.g. d >= n - 1 for generic
+    features): U then spans every centred vector, M U U^T = M, and the score equals tr(M) = C - 1 for *any*
+    features, noise included, so it carries no information about the features (Gaussian noise of 1000 x 1280
+    with 10 classes scores exactly 9.0). The rank uses the usual tolerance s_max * max(n, d) * eps.
+
     Args:
         features: ``(n, d)`` features of the target samples.
         labels: ``(n,)`` integer class labels.
@@ -390,15 +452,21 @@ def hscore(features: np.ndarray, labels: np.ndarray, *, seed: int) -> float:
 
     Raises:
         ValueError: Invalid features or labels.
+        UndefinedEstimate: rank(centred features) >= n - 1, where the score saturates at C - 1.
     """
     del seed
     f, y, n_classes = _validate(features, labels)
-    f = f - f.mean(axis=0)
-    g = _class_means(f, y, n_classes)
     n = f.shape[0]
-    cov_f = f.T @ f / n
-    cov_g = g.T @ g / n  # g has zero mean because f does
-    return float(np.trace(np.linalg.pinv(cov_f, hermitian=True) @ cov_g))
+    f = f - f.mean(axis=0)
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    tol = (s[0] if s.size else 0.0) * max(f.shape) * np.finfo(np.float64).eps
+    rank = int(np.sum(s > tol))
+    if rank >= n - 1:
+        raise UndefinedEstimate(
+            f"rank(features)={rank} >= n-1={n - 1}: H-score saturates at C-1={n_classes - 1} for any features"
+        )
+    g = _class_means(u[:, :rank], y, n_classes)  # M U
+    return float(np.sum(g * g))
 
 
 @register_estimator(
@@ -425,6 +493,8 @@ def hscore_shrinkage(features: np.ndarray, labels: np.ndarray, *, seed: int) -> 
     Raises:
         ValueError: Invalid features or labels.
     """
+    from sklearn.covariance import LedoitWolf  # sklearn imported on use: stages import this module cheaply
+
     del seed
     f, y, n_classes = _validate(features, labels)
     f = f - f.mean(axis=0)
@@ -440,6 +510,8 @@ def hscore_shrinkage(features: np.ndarray, labels: np.ndarray, *, seed: int) -> 
     needs="features",
     paper="k-nearest-neighbour leave-one-out accuracy (e.g. Kornblith, Shlens, Le. Do Better ImageNet "
     "Models Transfer Better? CVPR 2019)",
+    definition="train split only: leave-one-out 5-nearest-neighbour accuracy (Euclidean, standardized cached "
+    "features).",
 )
 def knn_accuracy(features: np.ndarray, labels: np.ndarray, *, seed: int, k: int = 5) -> float:
     """Leave-one-out k-NN accuracy (Euclidean distance on standardized features).
@@ -493,6 +565,10 @@ def knn_accuracy(features: np.ndarray, labels: np.ndarray, *, seed: int, k: int 
     needs="features",
     paper="Linear evaluation protocol (e.g. Kornblith, Shlens, Le. Do Better ImageNet Models Transfer "
     "Better? CVPR 2019)",
+    # Three "linear probe" numbers exist for the same features; say which one this is.
+    definition="train split only: stratified 5-fold cross-validated accuracy of a closed-form ridge classifier "
+    "(L2 strength by leave-one-out) on standardized cached features. Not the train@linear_probe head (AdamW on "
+    "the train split, early-stopped on val, accuracy on test) that the agreement stage trains as ground truth.",
 )
 def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, *, seed: int, n_splits: int = 5) -> float:
     """Stratified k-fold cross-validated accuracy of a linear probe on standardized features.
@@ -518,6 +594,11 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, *, seed: int
     Raises:
         ValueError: Invalid features or labels, or ``n_splits < 2``.
     """
+    from sklearn.linear_model import RidgeClassifierCV
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     if n_splits < 2:
         raise ValueError(f"n_splits must be >= 2, got {n_splits}")
     f, y, _ = _validate(features, labels)
@@ -538,3 +619,105 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, *, seed: int
         model.fit(f[train], y[train])
         pred[test] = model.predict(f[test])
     return float(np.mean(pred == y))
+
+
+def _sfda_posteriors(
+    f: np.ndarray, y: np.ndarray, n_classes: int, shrinkage: float | None = None
+) -> tuple[np.ndarray, float, int]:
+    """p(y | x) of SFDA's regularised Fisher classifier on its own training samples, the shrinkage used and
+    the numerical rank of the within-class scatter S_w.
+
+    SFDA projects onto every generalised eigenvector V of (S_b, S_w~) (V^T S_w~ V = I) and scores class c by
+    x^T V V^T mu_c - mu_c^T V V^T mu_c / 2 + log pi_c. With all d eigenvectors kept, V V^T = S_w~^-1, so this
+    is the linear discriminant with the shrunk within-class covariance
+    S_w~ = (1 - lambda) S_w + lambda tr(S_w)/d I, and S_b drops out. S_w~^-1 mu_c is applied through the thin
+    SVD of the within-class centred features (n x n work when d > n): on the span of S_w's eigenvectors it
+    divides by the shrunk eigenvalues, on the rest by lambda tr(S_w)/d. The features are centred first: the
+    discriminant's posteriors do not change under a common shift, and the out-of-span part stays small.
+
+    Raises:
+        UndefinedEstimate: zero within-class scatter (every sample equals its class mean).
+    """
+    n, d = f.shape
+    f = f - f.mean(axis=0)
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    priors = counts / n
+    means = np.zeros((n_classes, d))
+    np.add.at(means, y, f)
+    means /= counts[:, None]
+    within = f - means[y]  # S_w = sum_c pi_c cov_c (1/n_c normalisation) = within^T within / n
+    _, s, vt = np.linalg.svd(within, full_matrices=False)
+    eig = s**2 / n  # the non-zero eigenvalues of S_w, descending
+    mu = float(eig.sum()) / d  # tr(S_w) / d
+    if mu <= 0:
+        raise UndefinedEstimate("within-class scatter is zero (every sample equals its class mean): SFDA is undefined")
+    if shrinkage is None:
+        # Shao et al.: lambda = exp(-a * largest eigenvalue of S_w), a = 5, floored at 1e-10. The official
+        # code estimates that eigenvalue with 3 power iterations; the SVD above gives it exactly.
+        shrinkage = max(float(np.exp(-5.0 * eig[0])), 1e-10)
+    keep = s > s[0] * max(n, d) * np.finfo(np.float64).eps
+    vt, eig = vt[keep], eig[keep]
+    floor = shrinkage * mu  # the shrunk eigenvalue of every direction outside the span of S_w
+    coords = means @ vt.T  # (C, r)
+    w = (coords / ((1.0 - shrinkage) * eig + floor)) @ vt  # S_w~^-1 mu_c on the span
+    if vt.shape[0] < d:
+        w += (means - coords @ vt) / floor  # ... and on its orthogonal complement
+    logits = f @ w.T - 0.5 * np.einsum("cd,cd->c", means, w) + np.log(priors)
+    return _softmax(logits), shrinkage, int(vt.shape[0])
+
+
+@register_estimator(
+    "sfda",
+    needs="features",
+    paper="Shao, Zhao, Ge, Lu, Li, Wang, Luo. Not All Models Are Equal: Predicting Model Transferability in a "
+    "Self-challenging Fisher Space. ECCV 2022",
+)
+def sfda(features: np.ndarray, labels: np.ndarray, *, seed: int) -> float:
+    """SFDA: mean probability of the true class under a regularised Fisher classifier, after ConfMix.
+
+    1. Fit the regularised Fisher discriminant (see `_sfda_posteriors`) with the adaptive shrinkage
+       lambda = max(exp(-5 sigma_max(S_w)), 1e-10) and read p(y | x) on the training samples.
+    2. Self-challenge (ConfMix): soften those probabilities with a second softmax, as the authors' code
+       does, and move each sample towards the mean of the *other* classes' means by one minus its
+       softened true-class probability: x <- p x + (1 - p) mean_{c != y} mu_c. Uncertain samples become
+       harder.
+    3. Refit on the mixed features with the same lambda; the score is the mean p(y_i | x_i).
+
+    Invariant to relabelling the classes, permuting or rotating the feature dimensions, shifting them; not to
+    rescaling them (lambda depends on the scale of S_w, as in the paper).
+
+    Undefined when the within-class scatter already has its largest possible rank, n - C, and d exceeds it
+    (e.g. d >= n - C + 1 for generic features): the class means then differ along directions in which no
+    sample varies, the discriminant divides by the tiny shrinkage floor there, and every labelling is
+    separated perfectly; Gaussian noise of 200 x 400 with 10 classes scores 1.0.
+
+    Args:
+        features: ``(n, d)`` features of the target samples.
+        labels: ``(n,)`` integer class labels.
+        seed: Unused (the method is deterministic); accepted for the common signature.
+
+    Returns:
+        SFDA score in (0, 1].
+
+    Raises:
+        ValueError: Invalid features or labels.
+        UndefinedEstimate: zero within-class scatter, or rank(S_w) = n - C < d (saturation, see above).
+    """
+    del seed
+    f, y, n_classes = _validate(features, labels)
+    n, d = f.shape
+    probs, shrinkage, rank = _sfda_posteriors(f, y, n_classes)
+    if n - n_classes <= rank < d:
+        raise UndefinedEstimate(
+            f"rank(within-class scatter)={rank} >= n-C={n - n_classes} and < d={d}: SFDA separates any labelling "
+            "perfectly and saturates at 1"
+        )
+    conf = _softmax(probs)[np.arange(n), y][:, None]
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    means = np.zeros((n_classes, f.shape[1]))
+    np.add.at(means, y, f)
+    means /= counts[:, None]
+    others = (means.sum(axis=0) - means) / (n_classes - 1)  # mean of the other classes' means
+    mixed = conf * f + (1.0 - conf) * others[y]
+    probs, _, _ = _sfda_posteriors(mixed, y, n_classes, shrinkage=shrinkage)
+    return float(np.mean(probs[np.arange(n), y]))

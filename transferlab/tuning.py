@@ -17,7 +17,8 @@ numbers `fit` logged: eval mode, no augmentation, no draw from the training gene
 unchanged) and reports it; `fit` puts the model back in train mode right after through `set_train_mode`.
 The last epoch is not reported (no hook runs after it); its value is the trial's result anyway.
 
-Optuna is imported only by the functions that need it, so parsing and validating params works without it.
+Optuna and torch are imported only by the functions that need them, so parsing and validating params
+(`check_tune_spaces`) works without them.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +226,8 @@ class ReportingStrategy:
     ) -> None:
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std (images) or neither (features)")
+        import torch
+
         self._strategy = strategy
         self._report = report
         self._val_x = val_x
@@ -241,6 +246,8 @@ class ReportingStrategy:
         return f"ReportingStrategy({self._strategy!r})"
 
     def _inputs(self, idx: np.ndarray) -> torch.Tensor:
+        import torch
+
         if self._mean is not None:
             from transferlab.backbones import to_input
 

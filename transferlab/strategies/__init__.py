@@ -2,12 +2,14 @@
 
 A `strategies.<name>` entry in params picks its strategy by `kind` (default: the entry's own name), so
 `finetune_full_lr1e-2: {kind: finetune_full, lr: 0.01}` runs a second copy with another learning rate.
+
+The registry is lazy: `transferlab/strategies/<name>.py` holds the strategy `<name>`, and its module is
+imported the first time that strategy is asked for. Validating params therefore imports only the strategies
+the params name, and none of them imports torch at module level (see `base.py`).
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
 from pydantic import ValidationError
@@ -16,10 +18,6 @@ from transferlab.strategies.base import STRATEGIES, Strategy, StrategyConfig, re
 
 __all__ = ["STRATEGIES", "Strategy", "StrategyConfig", "register_strategy", "get_strategy", "strategy_config"]
 
-for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    if _mod != "base":
-        importlib.import_module(f"{__name__}.{_mod}")
-
 
 def get_strategy(kind: str) -> Strategy:
     """The registered strategy called `kind`.
@@ -27,9 +25,7 @@ def get_strategy(kind: str) -> Strategy:
     Raises:
         KeyError: unknown name; the message lists the valid ones.
     """
-    if kind not in STRATEGIES:
-        raise KeyError(f"unknown strategy '{kind}' (valid: {sorted(STRATEGIES)})")
-    return STRATEGIES[kind]
+    return STRATEGIES[kind]  # KeyError with the valid names when unknown
 
 
 def strategy_config(name: str, raw: dict[str, Any] | None) -> StrategyConfig:

@@ -1,16 +1,22 @@
 """`adabn` (Li et al. 2016, "Revisiting Batch Normalization For Practical Domain Adaptation"): the frozen
 backbone's BatchNorm statistics re-estimated on the target images, then a new head trained on top.
 
-Before training, every BatchNorm layer's running mean and variance are reset and re-estimated as the
-cumulative average over one pass of the frozen backbone over all (non-augmented) target training images,
-so each layer normalises target activations with target statistics. Then only the head trains, with every
-BatchNorm layer in eval mode so the adapted statistics stay fixed. The backbone runs every epoch (the
-features cache holds the source statistics' features, so it cannot be used).
+Before training, every BatchNorm layer's running mean and variance are replaced by the exact population
+statistics of that layer's input over the WHOLE (non-augmented) target training set, computed with every
+earlier BatchNorm layer already adapted: exactly what the adapted network feeds the layer at inference.
+Then only the head trains, with every BatchNorm layer in eval mode so the adapted statistics stay fixed.
+The backbone runs every epoch (the features cache holds the source statistics' features, so it cannot be
+used).
+
+Why not PyTorch's cumulative average (`momentum=None`) over mini-batches: it averages per-batch variances,
+which misses the spread of the batch means (exact only when every batch has the same mean, i.e. never for
+class-ordered or small batches), and during that pass each deeper layer sees inputs normalised with
+per-batch statistics, not with the adapted ones. See `reestimate_bn_stats` for the two exact ways used.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -22,7 +28,10 @@ from transferlab.backbones import SourceModel, with_new_head
 from transferlab.strategies.base import Strategy, StrategyConfig, freeze_all, register_strategy
 
 BatchNorm = nn.modules.batchnorm._BatchNorm
-STATS_BATCH = 128  # images per forward pass while re-estimating statistics
+STATS_BATCH = 128  # images per forward pass in the layer-by-layer fallback
+# Above this estimated activation memory, the one full-batch pass gives way to the layer-by-layer passes.
+# 2 GiB: the default 1,000 images at 48 px through EfficientNet-Lite0 need about 0.7 GiB.
+FULL_BATCH_BYTES = 2 * 1024**3
 
 
 class AdabnConfig(StrategyConfig):
@@ -30,30 +39,148 @@ class AdabnConfig(StrategyConfig):
     lr: float = Field(3e-3, gt=0, le=10)
 
 
+class _Moments:
+    """Per-channel count, mean and sum of squared deviations in float64, merged batch by batch (Chan et al.
+    1979): the exact population mean and variance whatever the batch sizes."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def update(self, act: torch.Tensor) -> None:
+        a = act.detach().to(device="cpu", dtype=torch.float64).transpose(0, 1).reshape(act.shape[1], -1)
+        nb = a.shape[1]
+        if nb == 0:
+            return
+        mean_b = a.mean(dim=1)
+        m2_b = ((a - mean_b[:, None]) ** 2).sum(dim=1)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = nb, mean_b, m2_b
+            return
+        total = self.count + nb
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (nb / total)
+        self.m2 = self.m2 + m2_b + delta**2 * (self.count * nb / total)
+        self.count = total
+
+    def store(self, bn: BatchNorm) -> None:
+        """Write the population mean and variance (divisor N, what BN normalises with) into `bn`."""
+        bn.running_mean.copy_(self.mean.to(bn.running_mean.dtype))
+        bn.running_var.copy_((self.m2 / self.count).to(bn.running_var.dtype))
+        bn.num_batches_tracked.fill_(1)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layer being estimated has seen its input."""
+
+
+def _tracked_bns(model: nn.Module) -> list[BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, BatchNorm) and m.track_running_stats]
+
+
+def _peak_bytes(model: nn.Module, bns: list[BatchNorm], one: torch.Tensor, n: int) -> int:
+    """Estimated activation memory of one no-grad pass over n samples: 3 x the largest BN input."""
+    largest = [0]
+
+    def hook(_m: nn.Module, args: tuple) -> None:
+        largest[0] = max(largest[0], args[0][0].numel())
+
+    handles = [b.register_forward_pre_hook(hook) for b in bns]
+    try:
+        model(one)
+    finally:
+        for h in handles:
+            h.remove()
+    return 3 * 4 * largest[0] * n
+
+
 @torch.no_grad()
 def reestimate_bn_stats(
-    model: nn.Module, inputs: Callable[[np.ndarray, bool], torch.Tensor], n: int, batch_size: int = STATS_BATCH
-) -> None:
-    """Reset every BatchNorm layer's running statistics and re-estimate them over `n` samples.
+    model: nn.Module,
+    inputs: Callable[[np.ndarray, bool], torch.Tensor],
+    n: int,
+    batch_size: int = STATS_BATCH,
+    max_full_batch_bytes: int = FULL_BATCH_BYTES,
+) -> str:
+    """Replace every BatchNorm layer's running statistics by the exact target statistics of its input.
 
-    Uses PyTorch's cumulative average (`momentum=None`): the statistics are the mean over batches of each
-    batch's statistics, so the batches are made near-equal in size to weigh every sample alike.
+    For each layer, running_mean and running_var become the per-channel mean and population variance
+    (divisor N = samples x height x width, which is what BatchNorm normalises a batch with) of the layer's
+    input over all `n` samples, with every earlier BatchNorm layer already adapted. Two exact ways:
+
+    * `"full_batch"`: one forward pass over all n samples as a single batch with BatchNorm in train mode;
+      each layer then normalises with its full-set statistics, so every later layer sees exactly the
+      adapted network's activations. Used when its estimated activation memory fits `max_full_batch_bytes`.
+    * `"layer_by_layer"`: for each layer in execution order, mini-batch passes (cut short after that layer)
+      with the earlier layers in eval mode on their adapted statistics; the layer's moments are merged in
+      float64 across batches. Exact at any size, at the cost of about (number of layers / 2) passes.
+
+    The rest of the network runs in eval mode (dropout off); the model's parameters, the momenta and the
+    train/eval flags are left as they were. Layers without running statistics are skipped.
+
+    Args:
+        model: the network (BatchNorm layers anywhere inside).
+        inputs: `fn(indices, augment)`; called with augment=False (clean images).
+        n: number of samples; every one is used.
+        batch_size: samples per pass in the layer-by-layer way.
+        max_full_batch_bytes: memory budget of the single full-batch pass.
+
+    Returns:
+        The way used: "full_batch" or "layer_by_layer".
     """
-    bns = [m for m in model.modules() if isinstance(m, BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    was_training = model.training
+    bns = _tracked_bns(model)
+    if not bns or n == 0:
+        return "full_batch"
+    flags = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        for m in bns:
-            m.momentum = None
-            m.reset_running_stats()
-            m.train()
-        for idx in np.array_split(np.arange(n), max(1, math.ceil(n / batch_size))):
-            model(inputs(idx, False))
+        mode = (
+            "full_batch"
+            if _peak_bytes(model, bns, inputs(np.arange(1), False), n) <= max_full_batch_bytes
+            else "layer_by_layer"
+        )
+        if mode == "full_batch":
+            moments = {b: _Moments() for b in bns}
+            handles = [b.register_forward_pre_hook(lambda m, a: moments[m].update(a[0])) for b in bns]
+            try:
+                for b in bns:
+                    b.train()  # normalise with the full-set batch statistics (biased variance, as stored)
+                model(inputs(np.arange(n), False))
+            finally:
+                for h in handles:
+                    h.remove()
+            for b in bns:
+                b.eval()
+                if moments[b].mean is not None:
+                    moments[b].store(b)
+        else:
+            order: list[BatchNorm] = []  # execution order (module order can differ from call order)
+            handles = [
+                b.register_forward_pre_hook(lambda m, a: order.append(m) if m not in order else None) for b in bns
+            ]
+            try:
+                model(inputs(np.arange(1), False))
+            finally:
+                for h in handles:
+                    h.remove()
+            for b in order:
+                acc = _Moments()
+
+                def hook(_m: nn.Module, args: tuple, _acc: _Moments = acc) -> None:
+                    _acc.update(args[0])
+                    raise _Stop
+
+                handle = b.register_forward_pre_hook(hook)
+                try:
+                    for start in range(0, n, batch_size):
+                        with contextlib.suppress(_Stop):
+                            model(inputs(np.arange(start, min(start + batch_size, n)), False))
+                finally:
+                    handle.remove()
+                acc.store(b)
     finally:
-        for m, momentum in zip(bns, momenta, strict=True):
-            m.momentum = momentum
-        model.train(was_training)
+        for m, flag in flags.items():
+            m.training = flag
+    return mode
 
 
 @register_strategy

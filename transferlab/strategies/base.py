@@ -1,19 +1,71 @@
-"""The strategy interface: how a source becomes a trainable target model, and how it is saved."""
+"""The strategy interface: how a source becomes a trainable target model, and how it is saved.
+
+Importing this module (or a strategy module) must not import torch: params validation reads each
+strategy's `Config` before any work, and a typo must be reported in well under a second, not after the
+seconds torch and timm take to import. torch is therefore imported inside the methods that run a model.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from transferlab.backbones import SourceModel, with_new_head
 from transferlab.io import read_json, save_torch, write_json
 
-STRATEGIES: dict[str, Strategy] = {}
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+PACKAGE = "transferlab.strategies"
+
+
+class StrategyRegistry(Mapping):
+    """name -> registered Strategy, importing a strategy's module only when that strategy is asked for.
+
+    The module called `transferlab/strategies/<name>.py` registers the strategy `<name>`
+    (`@register_strategy` checks it), so the valid names are known from the file names alone and
+    `"lora" in STRATEGIES` imports nothing. Iterating over the values imports every strategy module.
+    """
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, Strategy] = {}
+
+    def names(self) -> list[str]:
+        """Every strategy name, from the package's module names (nothing is imported)."""
+        package = importlib.import_module(PACKAGE)
+        found = {
+            m.name for m in pkgutil.iter_modules(package.__path__) if m.name != "base" and not m.name.startswith("_")
+        }
+        return sorted(found | set(self._loaded))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and (name in self._loaded or name in self.names())
+
+    def __getitem__(self, name: str) -> Strategy:
+        if name not in self._loaded and name in self.names():
+            importlib.import_module(f"{PACKAGE}.{name}")
+        try:
+            return self._loaded[name]
+        except KeyError:
+            raise KeyError(f"unknown strategy '{name}' (valid: {self.names()})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def register(self, strategy: Strategy) -> None:
+        self._loaded[strategy.name] = strategy
+
+
+STRATEGIES = StrategyRegistry()
 
 
 class StrategyConfig(BaseModel):
@@ -26,8 +78,19 @@ class StrategyConfig(BaseModel):
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: instantiate and register under `cls.name`."""
-    STRATEGIES[cls.name] = cls()
+    """Class decorator: instantiate and register under `cls.name`.
+
+    Raises:
+        ValueError: a strategy in `transferlab/strategies/` whose name is not its module's name (the lazy
+            registry finds a strategy by its file name).
+    """
+    module = cls.__module__.rsplit(".", 1)
+    if module[0] == PACKAGE and module[1] != cls.name:
+        raise ValueError(
+            f"strategy '{cls.name}' is defined in {cls.__module__}: name the module "
+            f"transferlab/strategies/{cls.name}.py (a strategy is found by its file name)"
+        )
+    STRATEGIES.register(cls())
     return cls
 
 
@@ -69,6 +132,8 @@ class Strategy:
         self, logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor, cfg: StrategyConfig
     ) -> torch.Tensor:
         """The training loss of one batch (cross-entropy; distillation adds the teacher's soft targets)."""
+        import torch
+
         return torch.nn.functional.cross_entropy(logits, targets)
 
     def penalty(self, model: nn.Module, cfg: StrategyConfig) -> torch.Tensor | None:
@@ -80,9 +145,16 @@ class Strategy:
     ) -> None:
         """Hook for schedules that change what trains (gradual unfreezing)."""
 
+    def move_to(self, model: nn.Module, device: torch.device) -> None:
+        """Move what the strategy keeps outside the model's parameters and buffers (L2-SP's reference
+        weights, a distillation teacher) to `device`. `fit` calls it after moving the model; `train_strategy`
+        calls it with the CPU when it hands the model back."""
+
     def set_train_mode(self, model: nn.Module) -> None:
         """Train mode, except BatchNorm layers whose affine params are frozen: their running statistics
         stay the source's (a frozen block must compute what it computed before)."""
+        from torch import nn
+
         model.train()
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.requires_grad:
@@ -96,6 +168,7 @@ class Strategy:
     def load(self, out_dir: Path, load_source: Callable[[], SourceModel]) -> nn.Module:
         """Rebuild the trained model from `out_dir` (eval mode)."""
         import timm
+        import torch
 
         ckpt = torch.load(out_dir / "model.pt", map_location="cpu", weights_only=True)
         model = timm.create_model(

@@ -7,11 +7,15 @@ best, barely moves. One optimizer param group per block group.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import Field
-from torch import nn
 
 from transferlab.backbones import block_groups
 from transferlab.strategies.base import Strategy, StrategyConfig, register_strategy
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class DiscriminativeLrConfig(StrategyConfig):

@@ -10,15 +10,17 @@ same (augmented) batch. Only the student is saved: what you deploy is the small 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from transferlab.backbones import SourceModel, load_source, with_new_head
 from transferlab.params import SourceSpec
 from transferlab.strategies.base import Strategy, StrategyConfig, head_names, register_strategy
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,11 @@ class Distill(Strategy):
 
     def __init__(self) -> None:
         self.teacher: nn.Module | None = None
+        self._device: torch.device | None = None  # where the teacher trains; None: the CPU
 
     def build(self, source: SourceModel, num_classes: int, cfg: DistillConfig, seed: int) -> nn.Module:
+        import torch
+
         from transferlab.strategies import get_strategy, strategy_config
 
         # Imported here: training imports the strategy registry.
@@ -71,6 +76,7 @@ class Distill(Strategy):
             weight_decay=1e-4,
             generator=gen,
             label="distill:teacher",
+            device=self._device,
         )
         log.info("teacher %s: best val accuracy %.4f", cfg.teacher.arch, result.best_val_accuracy)
         self.teacher_val_accuracy = result.best_val_accuracy
@@ -78,17 +84,25 @@ class Distill(Strategy):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         # Teacher and student may normalise differently: convert the student's batch for the teacher.
-        self._norm = (
-            torch.tensor(source.mean).view(1, 3, 1, 1),
-            torch.tensor(source.std).view(1, 3, 1, 1),
-            torch.tensor(teacher_source.mean).view(1, 3, 1, 1),
-            torch.tensor(teacher_source.std).view(1, 3, 1, 1),
+        # Kept on the teacher's device (the student's: both train on the device `set_data` named).
+        device = next(self.teacher.parameters()).device
+        self._norm = tuple(
+            torch.tensor(v).view(1, 3, 1, 1).to(device)
+            for v in (source.mean, source.std, teacher_source.mean, teacher_source.std)
         )
         return with_new_head(source.model, num_classes, seed)
 
-    def set_data(self, images: dict, labels: dict) -> None:
-        """The target splits the teacher trains on (called by `train_strategy` before `build`)."""
+    def set_data(self, images: dict, labels: dict, device: torch.device | None = None) -> None:
+        """The target splits the teacher trains on, and the device it trains on (default: the CPU); called
+        by `train_strategy` before `build`."""
         self._data = (images, labels)
+        self._device = device
+
+    def move_to(self, model: nn.Module, device: torch.device) -> None:
+        """The teacher and its normalisation constants follow the student."""
+        if self.teacher is not None:
+            self.teacher.to(device)
+            self._norm = tuple(t.to(device) for t in self._norm)
 
     def param_groups(self, model: nn.Module, cfg: DistillConfig) -> list[dict]:
         heads = set(head_names(model))
@@ -100,6 +114,9 @@ class Distill(Strategy):
     def loss(
         self, logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor, cfg: DistillConfig
     ) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
         hard = F.cross_entropy(logits, targets)
         if self.teacher is None:
             return hard

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import Field
-from torch import nn
 
 from transferlab.strategies.base import Strategy, StrategyConfig, head_names, register_strategy
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class FinetuneFullConfig(StrategyConfig):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import Field
-from torch import nn
 
 from transferlab.backbones import SourceModel, block_groups, with_new_head
 from transferlab.strategies.base import Strategy, StrategyConfig, freeze_all, register_strategy
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class FinetuneTopConfig(StrategyConfig):

@@ -9,12 +9,16 @@ no gradient and AdamW leaves it (and its weight decay) alone until `on_epoch_sta
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
-from torch import nn
 
 from transferlab.backbones import SourceModel, block_groups, with_new_head
 from transferlab.strategies.base import Strategy, StrategyConfig, register_strategy
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 class GradualUnfreezeConfig(StrategyConfig):

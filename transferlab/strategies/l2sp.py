@@ -5,6 +5,12 @@ Every layer trains; the loss adds `alpha/2 * ||w - w0||^2` over the backbone (w0
 copied at build time) and `beta/2 * ||w_head||^2` over the new head. The copy lives in a plain attribute,
 not a buffer, so `state_dict` (and the saved model) is the plain network. The optimizer's weight decay is
 switched off: decay toward 0 is exactly the bias L2-SP replaces.
+
+This is an AdamW variant of L2-SP, not the paper's recipe: the paper optimises with SGD with momentum
+(0.9), while here the shared training loop (`transferlab.training.fit`: AdamW with weight decay 0 on these
+groups, cosine learning rate, early stopping) drives every strategy alike, so strategies differ only in
+what they change. With Adam the penalty's gradient is rescaled per parameter like the data term, so the
+effective pull toward w0 is not the paper's; alpha values tuned for the paper's SGD do not carry over.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ def _split(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[nn.Pa
 @register_strategy
 class L2sp(Strategy):
     name = "l2sp"
-    summary = "all layers trained, penalised toward the pre-trained weights (L2-SP)"
+    summary = "all layers trained, penalised toward the pre-trained weights (L2-SP, AdamW variant)"
+    optimizer_note = "AdamW (weight decay 0), not the paper's SGD with momentum"
     Config = L2spConfig
 
     def build(self, source: SourceModel, num_classes: int, cfg: L2spConfig, seed: int) -> nn.Module:
@@ -53,6 +60,12 @@ class L2sp(Strategy):
             {"params": [p for _, p in body], "lr": cfg.lr * cfg.backbone_lr_mult, "weight_decay": 0.0},
             {"params": head, "lr": cfg.lr, "weight_decay": 0.0},
         ]
+
+    def move_to(self, model: nn.Module, device: torch.device) -> None:
+        """The reference weights follow the model (not a buffer, so `model.to` does not move them)."""
+        reference = getattr(model, REFERENCE_ATTR, None)
+        if reference is not None:
+            setattr(model, REFERENCE_ATTR, {n: t.to(device) for n, t in reference.items()})
 
     def penalty(self, model: nn.Module, cfg: L2spConfig) -> torch.Tensor:
         reference = getattr(model, REFERENCE_ATTR, None)

@@ -6,11 +6,15 @@ backbone again. The saved model is the whole network (backbone + head), ready to
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import Field
-from torch import nn
 
 from transferlab.backbones import SourceModel, with_new_head
 from transferlab.strategies.base import Strategy, StrategyConfig, freeze_all, register_strategy
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class LinearProbeConfig(StrategyConfig):

@@ -12,13 +12,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field
-from torch import nn
 
 from transferlab.backbones import SourceModel, with_new_head
 from transferlab.io import write_json
 from transferlab.strategies.base import Strategy, StrategyConfig, register_strategy
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,8 @@ class LoraConfig(StrategyConfig):
 
 def lora_targets(model: nn.Module, classifier: str) -> list[str]:
     """Names of the dense Conv2d and Linear layers outside the classifier."""
+    from torch import nn
+
     names = []
     for name, m in model.named_modules():
         if name == classifier or name.startswith(classifier + "."):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import Field
-from torch import nn
 
 from transferlab.backbones import SourceModel, random_like
 from transferlab.strategies.base import Strategy, StrategyConfig, register_strategy
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class ScratchConfig(StrategyConfig):

@@ -1,0 +1,212 @@
+"""The Python half of `benchmarks/gpu_check.sh`: a tiny end-to-end `dvc repro` with `train.device: cuda`, and
+the training throughput of EfficientNet-Lite0 (48 px, batch 32) on CUDA with and without mixed precision and
+on the CPU, printed as one table.
+
+    python benchmarks/gpu_check.py pipeline     # tiny pipeline in a temp copy of the repo, device: cuda
+    python benchmarks/gpu_check.py throughput   # img/s rows
+    python benchmarks/gpu_check.py all          # both (what gpu_check.sh runs)
+
+Exits 2 with a message when torch sees no CUDA GPU: this script checks the GPU path and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def require_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        print(
+            f"gpu_check: torch {torch.__version__} (CUDA build: {torch.version.cuda or 'none'}) sees no CUDA GPU. "
+            "Run this on a machine with an NVIDIA GPU and driver (`nvidia-smi -L` lists it).",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
+def _sh(cmd: list[str], cwd: Path) -> None:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "TRANSFERLAB_LOG": "WARNING"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def tiny_repo(repo: Path) -> None:
+    """The copy and tiny params of tests/test_pipeline_e2e.py, with `train.device: cuda`."""
+    import numpy as np
+    import timm
+    import torch
+    import yaml
+    from PIL import Image
+
+    for item in ("dvc.yaml", "stages", "transferlab", ".dvcignore", ".gitignore"):
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy(src, repo / item)
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["circle", "square", "stripe"]):
+        (repo / "images" / name).mkdir(parents=True)
+        for i in range(14):
+            img = rng.integers(0, 50, (24, 24, 3), dtype=np.uint8)
+            img[c * 8 : c * 8 + 8] = 230
+            Image.fromarray(img).save(repo / "images" / name / f"{i}.png")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(
+        dataset="imagefolder", path="images", image_size=32, train_per_class=6, val_per_class=3, test_per_class=5
+    )
+    params["train"].update(
+        epochs=2,
+        patience=1,
+        batch_size=8,
+        source="auto",
+        seeds=[0, 1],
+        lr_grid=[1.0, 3.0],
+        lr_search_epochs=1,
+        device="cuda",
+    )
+    params["strategies"] = {
+        "scratch": {"lr": 0.003},
+        "linear_probe": {"epochs": 3},
+        "finetune_top": {"k": 1},
+        "lora": {"rank": 2},
+    }
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), repo / "test_resnet.pth")
+    params["sources"] = {
+        "efficientnet_lite0": {"kind": "packaged"},
+        "local_resnet": {"kind": "timm", "arch": "test_resnet", "path": "test_resnet.pth"},
+        "random_init": {"kind": "random_init", "arch": "test_efficientnet"},
+    }
+    params["pretrain"] = {}
+    params["score"]["latency_repeats"] = 2
+    params["agreement"].update(finetune_epochs=1, n_bootstrap=100)
+    params["compare"]["n_bootstrap"] = 200
+    params["diagnose"].update(
+        forgetting_source=None, probe_images=24, mmd_permutations=50, remedy_epochs=1, n_bootstrap=200
+    )
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _sh(["git", "init", "-q"], repo)
+    _sh([sys.executable, "-m", "dvc", "init", "-q"], repo)
+    _sh([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], repo)
+
+
+def run_pipeline() -> list[tuple[str, str, str]]:
+    """`dvc repro` of the tiny config on CUDA; rows (measurement, value, note)."""
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        repo = Path(tmp)
+        tiny_repo(repo)
+        t = time.perf_counter()
+        _sh([sys.executable, "-m", "dvc", "repro"], repo)
+        seconds = time.perf_counter() - t
+        rows = [("tiny pipeline, dvc repro (train.device: cuda)", f"{seconds:.1f} s", "every stage ran")]
+        for f in sorted((repo / "perf/train").glob("*.json")):
+            perf = json.loads(f.read_text())
+            if perf.get("device", "").split(":")[0] != "cuda":
+                raise SystemExit(f"gpu_check: {f.name} records device {perf.get('device')!r}, not cuda")
+            rows.append(
+                (f"train@{f.stem}", f"{perf['train_seconds_total']:.1f} s", f"{perf['device']} {perf.get('gpu_name')}")
+            )
+        summary = json.loads((repo / "metrics/summary.json").read_text())
+        rows.append(("metrics/summary.json strategies", str(len(summary["strategies"])), "compare ran"))
+        return rows
+
+
+def throughput(device_name: str, amp: bool, steps: int, size: int = 48, batch: int = 32) -> float:
+    """Training images/s of lite0 (bare forward + backward + AdamW step on one in-memory batch)."""
+    import timm
+    import torch
+
+    from transferlab.device import autocast_context, make_grad_scaler
+
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10).to(device).train()
+    x = torch.randn(batch, 3, size, size).to(device)
+    y = torch.randint(0, 10, (batch,)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = make_grad_scaler(device, enabled=amp)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def step() -> None:
+        with autocast_context(device, enabled=amp):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    for _ in range(3):  # warm-up: allocations, kernel selection
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return steps * batch / (time.perf_counter() - t)
+
+
+def run_throughput(gpu_steps: int, cpu_steps: int) -> list[tuple[str, str, str]]:
+    import torch
+
+    from transferlab.device import amp_dtype
+
+    cuda = torch.device("cuda")
+    dtype = str(amp_dtype(cuda)).removeprefix("torch.")
+    rows = []
+    rates = {}
+    for label, dev, amp, steps in (
+        (f"CUDA, AMP ({dtype})", "cuda", True, gpu_steps),
+        ("CUDA, fp32", "cuda", False, gpu_steps),
+        ("CPU, fp32", "cpu", False, cpu_steps),
+    ):
+        rates[label] = throughput(dev, amp, steps)
+        rows.append((f"lite0 train step 48 px batch 32: {label}", f"{rates[label]:.0f} img/s", f"{steps} steps"))
+    cpu = rates["CPU, fp32"]
+    for label in list(rates)[:2]:
+        rows.append(
+            (f"speed-up vs CPU: {label}", f"{rates[label] / cpu:.1f}x", f"{torch.get_num_threads()} CPU threads")
+        )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["pipeline", "throughput", "all"], nargs="?", default="all")
+    p.add_argument("--gpu-steps", type=int, default=50)
+    p.add_argument("--cpu-steps", type=int, default=5)
+    args = p.parse_args()
+    require_cuda()
+    import torch
+
+    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, GPU: {torch.cuda.get_device_name(0)}", flush=True)
+    rows: list[tuple[str, str, str]] = []
+    if args.what in ("pipeline", "all"):
+        rows += run_pipeline()
+    if args.what in ("throughput", "all"):
+        rows += run_throughput(args.gpu_steps, args.cpu_steps)
+    print("\n| measurement | value | note |\n|---|---:|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+
+
+if __name__ == "__main__":
+    main()
