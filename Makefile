@@ -11,7 +11,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test test-fast lint format dataset clean-outputs bench review
+
+.PHONY: repro-full
+.PHONY: setup repro test test-fast lint format dataset clean-outputs bench bench-scaling review
 
 setup: $(STAMP)
 
@@ -34,6 +36,16 @@ dataset:
 repro: setup dataset
 	$(VENV)/bin/dvc repro
 
+# The full profile: everything the default leaves out to stay under 15 minutes on 2 CPU cores (64 px,
+# 100 labels per class, 3 seeds, every registered strategy, a converged fine-tune as a second ground
+# truth of the agreement). Hours on a CPU. `dvc exp run` writes these values into params.yaml
+# (`git checkout params.yaml` returns to the default).
+FULL_PROFILE := -S data.image_size=64 -S data.train_per_class=100 -S 'train.seeds=[0,1,2]' \
+	-S agreement.finetune_epochs=60 -S '++strategies.gradual_unfreeze={}' -S '++strategies.discriminative_lr={}' -S '++strategies.l2sp={}' \
+	-S '++strategies.adabn={}' -S '++strategies.distill={}'
+repro-full: setup dataset
+	$(VENV)/bin/dvc exp run $(FULL_PROFILE)
+
 test: setup dataset
 	$(PY) -m pytest -q
 
@@ -52,6 +64,12 @@ format: setup
 # More repeats: make bench BENCH_ARGS="--repeats 5 --steps 20".
 bench: setup
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# Time and peak RSS of prepare / features / score / one training epoch as the training images grow
+# (250..16,000) and as the candidates grow (1..10); each point in a fresh temp dir (~30 min, 20-40, on an
+# idle 2-core machine). A check: make bench-scaling SCALING_ARGS=--quick
+bench-scaling: setup dataset
+	$(PY) benchmarks/scaling.py $(SCALING_ARGS)
 
 # What CI posts on a pull request (.github/workflows/review.yml), locally: the working tree against BASE.
 # make review BASE=origin/main REVIEW_ARGS="--md --fail-on-regression"

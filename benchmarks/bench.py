@@ -17,11 +17,16 @@ runs. Rows:
   (a) the project's `training.fit`, (b) a naive loop as in the timm/torchvision docs (ImageFolder over
   PNG files + PIL transforms per image), (c) bare forward+backward+step on one in-memory batch, (d) (c)
   with channels_last.
-- `scoring / fine-tuning`: `benchmarks/scoring_cost.py`'s measurement (every candidate's forward pass +
-  every estimator, against `train.epochs` epochs of `finetune_full` per candidate), on data/prepared when
-  it exists, else on random images of the same sizes.
+- `scoring / fine-tuning`: `benchmarks/scoring_cost.py`'s measurement, on data/prepared when it exists,
+  else on random images of the same sizes: every candidate's forward pass over the train split + every
+  estimator, against `finetune_full` as the protocol runs it per candidate: seconds per epoch (timed on
+  `--finetune-images` training images, after a warm-up step, scaled to the split) x the epochs of the rate
+  search and the seed runs, read from metrics/train/finetune_full.json when a run of the current protocol
+  left one, else params' lower bound (`scoring_cost.protocol_epochs`; the note says which). The ratios are
+  the goals: absolute seconds move with the machine and its load.
 
-usage: python benchmarks/bench.py [--repeats 3] [--steps 8] [--train-images 256] [--no-scoring] [--json out]
+usage: python benchmarks/bench.py [--repeats 3] [--steps 8] [--train-images 256] [--finetune-images 128]
+       [--no-scoring] [--json out]
 """
 
 from __future__ import annotations
@@ -206,9 +211,9 @@ def child_train(mode: str, steps: int, n_images: int, size: int = 48, batch: int
         return {"images_per_s": n_images / (time.perf_counter() - t)}
 
 
-def child_scoring() -> dict[str, Any]:
+def child_scoring(finetune_images: int) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from scoring_cost import measure, synthetic_data
+    from scoring_cost import measure, pipeline_epoch_seconds, protocol_epochs, synthetic_data
 
     from transferlab.params import load_params
 
@@ -220,8 +225,18 @@ def child_scoring() -> dict[str, Any]:
         data, where = load_prepared(prepared), "data/prepared"
     else:
         data, where = synthetic_data(params), "random images of the prepared sizes"
-    result = measure(params, data, sorted(params.sources), pipeline_dir=str(ROOT / "models" / "pretrain"))
-    return {**result, "data": where}
+    epochs, epochs_from = protocol_epochs(params, ROOT / "metrics" / "train")
+    result = measure(
+        params,
+        data,
+        sorted(params.sources),
+        pipeline_dir=str(ROOT / "models" / "pretrain"),
+        splits=("train",),  # what scoring needs; val/test go to the features cache, not to the ranking
+        finetune_images=finetune_images,
+        epochs=epochs,
+    )
+    check = pipeline_epoch_seconds(ROOT / "metrics" / "train", ROOT / "perf" / "train")
+    return {**result, "data": where, "epochs_from": epochs_from, "pipeline_check": check}
 
 
 # ----------------------------------------------------------------------------- the table
@@ -265,6 +280,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="timed steps of the bare training loops")
     p.add_argument("--train-images", type=int, default=256, help="images per epoch of the fit and naive loops")
     p.add_argument("--stages", default=None, help="comma-separated stage modules (default: all)")
+    p.add_argument(
+        "--finetune-images", type=int, default=128, help="training images timed per candidate's fine-tuning epoch"
+    )
     p.add_argument("--no-scoring", action="store_true", help="skip the scoring cost ratio (about 2 minutes)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
@@ -278,7 +296,7 @@ def main() -> None:
         elif kind == "train":
             out = child_train(rest[0], int(rest[1]), int(rest[2]))
         else:
-            out = child_scoring()
+            out = child_scoring(int(rest[0]))
         print(json.dumps(out))
         return
 
@@ -349,15 +367,17 @@ def main() -> None:
     )
 
     if not args.no_scoring:
-        r = run_child([me, "--child", "scoring"])
+        print("# scoring / fine-tuning: the ratios are the goals (absolute seconds move with the machine's load)")
+        r = run_child([me, "--child", "scoring", str(args.finetune_images)])
         res = child_result(r)
+        print(f"# fine-tuning epochs per candidate: {res['epochs']} ({res['epochs_from']})", flush=True)
         for row in res["rows"]:
             rows.append(
                 (
                     f"scoring {row['candidate']}",
                     row["forward_s"] + row["estimators_s"],
                     f"forward {row['forward_s']:.1f} + estimators {row['estimators_s']:.1f} s vs fine-tune "
-                    f"{row['finetune_s']:.1f} s ({res['epochs']} x epoch): {row['ratio']:.1%}",
+                    f"{row['finetune_s']:.1f} s ({res['epochs']} x {row['epoch_s']:.1f} s epoch): {row['ratio']:.1%}",
                     None,
                 )
             )
@@ -369,6 +389,16 @@ def main() -> None:
                 r["rss_mib"],
             )
         )
+        check = res["pipeline_check"]
+        if check:
+            rows.append(
+                (
+                    f"pipeline epoch s, train@finetune_full ({check['source']})",
+                    check["epoch_s"],
+                    f"perf/train over {check['epochs']} seed epochs (incl. validation): cross-check of epoch_s",
+                    None,
+                )
+            )
 
     worst_error = max((v for w, v, *_ in rows if w.startswith("params error")), default=0.0)
     print(

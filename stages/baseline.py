@@ -36,7 +36,14 @@ def main() -> None:
         metrics.pop("confusion")
         # The same fields as a strategy's train metrics, so that the recommendation (on validation) and
         # the comparison treat it as one more row.
-        metrics.update({"best_val_accuracy_mean": search["val_accuracy"], "C": search["C"], "C_search": search["grid"]})
+        metrics.update(
+            {
+                "best_val_accuracy_mean": search["val_accuracy"],
+                "val_samples": len(data.labels["val"]),
+                "C": search["C"],
+                "C_search": search["grid"],
+            }
+        )
         write_json(args.metrics, metrics)
         frame = predictions_frame(data.ids["test"], 0, data.labels["test"], proba, data.class_names)
         write_text(args.predictions, frame.to_csv(index=False, lineterminator="\n"))

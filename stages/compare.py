@@ -72,6 +72,7 @@ def main() -> None:
             histories,
             cp.baseline,
             classical=CLASSICAL,
+            n_val=int(metrics[CLASSICAL].get("val_samples") or 0) or None,
             n_bootstrap=cp.n_bootstrap,
             confidence=cp.confidence,
             seed=params.seed,

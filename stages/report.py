@@ -18,6 +18,8 @@ def main() -> None:
     p.add_argument("--gain", required=True, help="plots/gain.csv")
     p.add_argument("--figures", nargs="*", default=[], help="PNGs to include")
     p.add_argument("--perf", required=True, help="folder of perf/train/<strategy>.json")
+    p.add_argument("--history", required=True, help="folder of plots/history/<strategy>/seed_<s>.csv")
+    p.add_argument("--confusion", required=True, help="folder of plots/confusion/<strategy>.csv")
     p.add_argument("--markdown", required=True)
     p.add_argument("--html", required=True)
     args = p.parse_args()
@@ -25,10 +27,12 @@ def main() -> None:
 
     import tempfile
 
+    import numpy as np
     import pandas as pd
 
+    from transferlab import layout
     from transferlab.io import read_json, write_text
-    from transferlab.plotting import gain_png
+    from transferlab.plotting import confusion_png, curves_png, gain_png
     from transferlab.report import build_sections, to_html, to_markdown
     from transferlab.tracking import stage_run
 
@@ -54,7 +58,24 @@ def main() -> None:
             pct = round(100 * summary["confidence"])
             title = f"Test accuracy gain over {summary['baseline']} ({pct}% CI over test samples and seeds)"
             gain = gain_png(rows, title, Path(tmp) / "gain_over_scratch.png")
-            write_text(args.html, to_html(sections, [gain, *map(Path, args.figures)]))
+            figures = [gain, *map(Path, args.figures)]
+            curves = {
+                n: {s: h.to_dict("records") for s, h in layout.read_histories(d).items()}
+                for n, d in ((d.name, d) for d in sorted(Path(args.history).iterdir()) if d.is_dir())
+            }
+            if curves:
+                figures.append(curves_png(curves, Path(tmp) / "learning_curves.png"))
+            choice = (summary.get("recommendation") or {}).get("choice")
+            conf_csv = Path(args.confusion) / f"{choice}.csv"
+            if choice and conf_csv.is_file():
+                conf = pd.read_csv(conf_csv)
+                names = list(read_json(args.data)["per_class"])
+                index = {c: i for i, c in enumerate(names)}
+                matrix = np.zeros((len(names), len(names)), dtype=int)
+                np.add.at(matrix, (conf["actual"].map(index), conf["predicted"].map(index)), 1)
+                png = Path(tmp) / "confusion_recommended.png"
+                figures.append(confusion_png(matrix, names, f"{choice}: test confusion (all seeds)", png))
+            write_text(args.html, to_html(sections, figures))
         mlflow.log_artifact(args.markdown)
         mlflow.log_artifact(args.html)
 

@@ -132,6 +132,7 @@ def main() -> None:
             label=name,
             device=device,
             lr_patience=tp.lr_patience,
+            min_lr_ratio=tp.min_lr_ratio,
             lr_factor=tp.lr_factor,
             min_delta=tp.min_delta,
         )

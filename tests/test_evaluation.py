@@ -166,3 +166,17 @@ def test_raw_pixel_baseline_chooses_C_on_validation(tiny_data):
     assert [g["C"] for g in search["grid"]] == [1e-6, 1.0]
     best = max(search["grid"], key=lambda g: g["val_accuracy"])["val_accuracy"]
     assert search["val_accuracy"] == best
+
+
+def test_recommendation_breaks_exact_ties_by_compute_and_names_the_close_ones():
+    from transferlab.comparison import recommend
+
+    val = {"scratch": 0.79, "finetune_full": 0.79, "lora": 0.78, "raw": 0.70}
+    trusted = dict.fromkeys(val, True)
+    out = recommend(
+        val, trusted, "raw", n_val=300, train_gflops={"scratch": 900.0, "finetune_full": 1300.0, "lora": 1.0}
+    )
+    assert out["choice"] == "scratch"  # same validation accuracy, less compute; not the alphabetical first
+    se = (0.79 * 0.21 / 300) ** 0.5
+    assert out["val_standard_error"] == pytest.approx(se, abs=1e-6)
+    assert out["within_noise_of_best"] == ["finetune_full", "lora"]  # 0.70 is more than one SE below

@@ -17,7 +17,7 @@ from transferlab.strategies import STRATEGIES
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "timm", "mlflow", "sklearn", "pandas", "matplotlib", "optuna", "peft")
 # Strategy modules whose bodies are edited elsewhere and still import torch at module level.
-TORCH_AT_IMPORT = {"adabn", "l2sp"}
+TORCH_AT_IMPORT: set[str] = set()
 
 
 def _imported_after(code: str) -> list[str]:

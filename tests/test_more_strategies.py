@@ -11,11 +11,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm as BatchNorm
 
 from transferlab.backbones import block_groups, to_input
 from transferlab.seeding import seed_everything
 from transferlab.strategies import get_strategy, strategy_config
-from transferlab.strategies.adabn import BatchNorm, reestimate_bn_stats
+from transferlab.strategies.adabn import reestimate_bn_stats
 from transferlab.training import fit, image_batches
 
 

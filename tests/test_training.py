@@ -150,5 +150,9 @@ def test_a_best_rate_on_the_grid_edge_extends_the_grid(tiny_source, tiny_data):
         features=features,
         label="probe",
     )
-    mults = [r["lr_multiplier"] for r in out.lr_search]
+    live = [r for r in out.lr_search if not r.get("superseded")]
+    mults = [r["lr_multiplier"] for r in live]
     assert len(mults) == 3 and mults[-1] == pytest.approx(1e-3)
+    # Such tiny rates leave every 2-epoch run at chance: the grid is tried again at twice the budget first.
+    superseded = [r for r in out.lr_search if r.get("superseded")]
+    assert [r["epochs"] for r in superseded] == [2, 2] and {r["epochs"] for r in live} == {4}

@@ -16,6 +16,7 @@ is about, and the recommendation.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -155,29 +156,48 @@ def equal_compute(strategy_curves: list[list[dict]], scratch_curves: list[list[d
     }
 
 
-def recommend(val_accuracy: dict[str, float], trusted: dict[str, bool], baseline_name: str) -> dict[str, Any]:
+def recommend(
+    val_accuracy: dict[str, float],
+    trusted: dict[str, bool],
+    baseline_name: str,
+    *,
+    n_val: int | None = None,
+    train_gflops: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """The best model on validation among those whose training can be trusted, the classical one included.
 
     Args:
         val_accuracy: name -> mean best validation accuracy over seeds (the classical baseline's too).
         trusted: name -> converged and not failed.
         baseline_name: the classical baseline's row (e.g. 'raw_pixel_logreg').
+        n_val: validation samples; gives the standard error sqrt(p(1-p)/n) of the best model's accuracy,
+            and every trusted model within one standard error of it is listed as `within_noise_of_best`.
+        train_gflops: name -> training compute; exact ties on validation go to the cheaper model.
 
     Returns:
-        {'choice', 'val_accuracy', 'runner_up', 'classical_baseline_wins', 'considered', 'excluded'}.
+        {'choice', 'val_accuracy', 'runner_up', 'classical_baseline_wins', 'considered', 'excluded',
+        'within_noise_of_best', 'val_standard_error'}.
     """
-    considered = sorted((n for n in val_accuracy if trusted.get(n, False)), key=lambda n: (-val_accuracy[n], n))
+    cost = train_gflops or {}
+    considered = sorted(
+        (n for n in val_accuracy if trusted.get(n, False)), key=lambda n: (-val_accuracy[n], cost.get(n, 0.0), n)
+    )
     excluded = sorted(n for n in val_accuracy if not trusted.get(n, False))
     if not considered:
         return {"choice": None, "considered": [], "excluded": excluded, "classical_baseline_wins": False}
     choice = considered[0]
+    best = val_accuracy[choice]
+    se = math.sqrt(best * (1 - best) / n_val) if n_val else 0.0
     return {
         "choice": choice,
-        "val_accuracy": val_accuracy[choice],
+        "val_accuracy": best,
         "runner_up": considered[1] if len(considered) > 1 else None,
         "classical_baseline_wins": choice == baseline_name,
         "considered": considered,
         "excluded": excluded,
+        "val_standard_error": round(se, 6),
+        # Validation cannot tell these apart from the choice: a reviewer should know the choice is not unique.
+        "within_noise_of_best": [n for n in considered[1:] if val_accuracy[n] >= best - se],
     }
 
 
@@ -190,6 +210,7 @@ def compare_to_baseline(
     baseline: str,
     *,
     classical: str,
+    n_val: int | None = None,
     n_bootstrap: int,
     confidence: float,
     seed: int,
@@ -259,7 +280,8 @@ def compare_to_baseline(
             if name in histories and baseline in histories:
                 row["equal_compute"] = equal_compute(histories[name], histories[baseline])
         rows[name] = row
-    rec = recommend(val_accuracy, trusted, classical)
+    gflops = {n: float((t or {}).get("train_gflops_mean", 0.0)) for n, t in train.items()}
+    rec = recommend(val_accuracy, trusted, classical, n_val=n_val, train_gflops=gflops)
     choice = rec.get("choice")
     if choice is not None:
         rec["test_accuracy"] = rows[choice]["test_accuracy"]
@@ -297,16 +319,22 @@ def _reason(rec: dict, rows: dict[str, dict], classical: str, confidence: float)
     if rec["classical_baseline_wins"]:
         runner = rec.get("runner_up")
         extra = f" (best transfer model on validation: {runner}, {rows[runner]['val_accuracy']:.3f})" if runner else ""
+        close = rec.get("within_noise_of_best") or []
+        note = f"; within one standard error on validation: {', '.join(close)}" if close else ""
         return (
             f"use the baseline; transfer does not pay here: logistic regression on raw pixels validates best"
-            f"{extra}, and it needs no pre-trained weights, no GPU and milliseconds per image"
+            f"{extra}, and it needs no pre-trained weights, no GPU and milliseconds per image{note}"
         )
     g = rec.get(f"test_gain_vs_{classical}")
     if g:
         pct = round(confidence * 100)
-        side = "beyond" if g["ci_low"] > 0 else "within"
+        side = "beyond noise" if g["ci_low"] > 0 or g["ci_high"] < 0 else "within noise"
         head += (
-            f"; on test it beats raw pixels by {g['gain']:+.3f} ({pct}% CI {g['ci_low']:+.3f} to {g['ci_high']:+.3f}:"
-            f" {side} noise)"
+            f"; on test, against logistic regression on raw pixels: {g['gain']:+.3f} "
+            f"({pct}% CI {g['ci_low']:+.3f} to {g['ci_high']:+.3f}, {side})"
+        )
+    if rec.get("within_noise_of_best"):
+        head += f"; within one standard error ({rec['val_standard_error']:.3f}) of it on validation: " + ", ".join(
+            rec["within_noise_of_best"]
         )
     return head

@@ -413,7 +413,8 @@ def lr_sensitivity(sweep: list[dict], *, spread_threshold: float, forgetting_thr
     """Validation accuracy and source-task forgetting at each learning rate of a fine-tuning sweep.
 
     The best rate and the spread are read on the VALIDATION split; each row's test accuracy is reported
-    only (choosing on test would make the reported number optimistic).
+    only (choosing on test would make the reported number optimistic). Every rate has the same short
+    budget (`epochs` in each row): a sensitivity probe, not converged runs.
     """
     accs = [r["val_accuracy"] for r in sweep]
     spread = float(max(accs) - min(accs))

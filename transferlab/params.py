@@ -156,6 +156,8 @@ class TrainParams(Section):
     patience: int = Field(5, ge=1, description="epochs without a val loss or val accuracy gain before stopping")
     lr_patience: int = Field(2, ge=1, description="epochs without a val loss gain before the rate is cut")
     lr_factor: float = Field(0.3, gt=0, lt=1, description="reduce-on-plateau factor")
+    # A floor: a noisy validation loss must not cut the rate to ~0 and fake a plateau of an under-fit model.
+    min_lr_ratio: float = Field(0.01, gt=0, le=1, description="the rate is never cut below this fraction of its start")
     min_delta: float = Field(1e-3, ge=0, description="val loss decrease (absolute, nats) that counts as progress")
     # Multipliers of each strategy's own `lr`, each tried for `lr_search_epochs` on the first seed and
     # chosen on validation accuracy: the same search budget for every strategy, scratch included.
@@ -280,7 +282,7 @@ class DiagnoseParams(Section):
     # Four decades around the usual fine-tuning rates; 0.1 is there to show what wrecking the source looks like.
     lr_sweep: list[float] = Field([1e-4, 1e-2, 1e-1], description="rates of the sweep, plus finetune_full's own")
     sweep_epochs: int = Field(
-        1, ge=1, description="epochs per extra sweep rate (finetune_full's own rate: train recipe)"
+        3, ge=1, description="epochs per sweep rate, the same for every rate (finetune_full's own included)"
     )
     lr_spread_threshold: float = Field(
         0.1, ge=0, le=1, description="validation-accuracy spread over the sweep that flags it"

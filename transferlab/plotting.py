@@ -114,3 +114,30 @@ def compute_png(curves: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def curves_png(curves: dict[str, dict[int, list[dict]]], path: str | Path) -> Path:
+    """Learning curves: training and validation accuracy per epoch, one panel per strategy, one line per
+    seed (the plateau each run stopped on is visible as its flat tail)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = sorted(curves)
+    cols = min(3, max(1, len(names)))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        for k, (seed, hist) in enumerate(sorted(curves[name].items())):
+            epochs = [r["epoch"] for r in hist]
+            ax.plot(epochs, [r["val_accuracy"] for r in hist], color=f"C{k}", label=f"val, seed {seed}")
+            ax.plot(epochs, [r["train_accuracy"] for r in hist], color=f"C{k}", ls=":", label=f"train, seed {seed}")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

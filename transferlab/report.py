@@ -12,6 +12,8 @@ FIGURE_TITLES = {
     "gain_over_scratch.png": "Test accuracy gain over scratch, with its interval",
     "compute.png": "Validation accuracy against training compute (transfer vs scratch at equal compute)",
     "agreement.png": "Did the source ranking predict what training achieved? (estimate vs achieved accuracy)",
+    "learning_curves.png": "Learning curves: every model, every seed, to its plateau",
+    "confusion_recommended.png": "Test confusion of the recommended model",
 }
 
 

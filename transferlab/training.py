@@ -150,6 +150,7 @@ def fit(
     lr_factor: float = 0.3,
     min_delta: float = 1e-3,
     warmup: bool = True,
+    min_lr_ratio: float = 0.01,
     device: torch.device | str | None = None,
 ) -> TrainResult:
     """Train `model` to a validation plateau (or the epoch cap); the best epoch's weights are restored.
@@ -170,6 +171,7 @@ def fit(
         lr_patience: epochs without a validation-loss improvement before the rate is multiplied by
             `lr_factor` (default: patience // 2, at least 1).
         warmup: a linear warm-up of the rate over the first epoch's steps (from 10%).
+        min_lr_ratio: reduce-on-plateau never cuts a group's rate below this fraction of its start.
         device: where the model, the batches and the labels live (default: the CPU, plain float32). On
             CUDA the forward pass and the loss run under autocast (bfloat16, or float16 with loss scaling;
             see `transferlab.device`); the generator stays on the CPU.
@@ -193,10 +195,18 @@ def fit(
     scaler = make_grad_scaler(device)  # a pass-through except for float16 autocast on CUDA
     optimizer = torch.optim.AdamW(strategy.param_groups(model, cfg), weight_decay=weight_decay)
     lr_patience = max(1, patience // 2) if lr_patience is None else lr_patience
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=lr_factor, patience=lr_patience, threshold=min_delta, threshold_mode="abs"
-    )
     base_lrs = [g["lr"] for g in optimizer.param_groups]
+    # A floor under the schedule: a noisy validation loss would otherwise cut the rate towards zero and
+    # end training on a "plateau" the schedule made, with the model still under-fit.
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer,
+        mode="min",
+        factor=lr_factor,
+        patience=lr_patience,
+        threshold=min_delta,
+        threshold_mode="abs",
+        min_lr=[b * min_lr_ratio for b in base_lrs],
+    )
     result = TrainResult(model=model)
     best_state, best_key = None, (-1.0, float("inf"))
     best_loss, since_improve, lr_reductions = float("inf"), 0, 0
@@ -498,7 +508,7 @@ def train_protocol(
     def try_rate(mult: float) -> dict:
         lr = float(f"{cfg.lr * mult:.6g}")
         gen = seed_everything(seeds[0], num_threads)
-        row: dict[str, Any] = {"lr_multiplier": float(f"{mult:.6g}"), "lr": lr}
+        row: dict[str, Any] = {"lr_multiplier": float(f"{mult:.6g}"), "lr": lr, "epochs": lr_search_epochs}
         try:
             res = train_strategy(
                 strategy,
@@ -522,7 +532,7 @@ def train_protocol(
         return row
 
     def pick() -> dict | None:
-        ok = [r for r in search if r["val_accuracy"] is not None]
+        ok = [r for r in search if r["val_accuracy"] is not None and not r.get("superseded")]
         # A rate whose short run already failed (loss stuck at ln C, accuracy at chance) is out, unless
         # every rate failed: a lucky validation accuracy must not elect a rate that does not train.
         ok = [r for r in ok if "failed" not in r] or ok
@@ -534,6 +544,21 @@ def train_protocol(
         grid = sorted(lr_grid)
         for mult in grid:
             try_rate(mult)
+        if all("failed" in r or r["val_accuracy"] is None for r in search):
+            # Every short run is still at chance: the budget says nothing about the rates (a network from
+            # random weights often needs more than two epochs to move). Once, the same grid at twice the
+            # budget; the same rule for every strategy.
+            log.warning(
+                "%s: every rate of the search failed in %d epochs; retrying at %d",
+                label,
+                lr_search_epochs,
+                2 * lr_search_epochs,
+            )
+            for r in search:
+                r["superseded"] = True
+            lr_search_epochs *= 2
+            for mult in grid:
+                try_rate(mult)
         # A best rate on the grid's edge says the optimum may lie beyond it: extend by the grid's own
         # step, `lr_grid_extend` times at most on each side (the same rule for every strategy).
         low_step, high_step = grid[1] / grid[0], grid[-1] / grid[-2]
@@ -554,7 +579,7 @@ def train_protocol(
         lr = best["lr"]
         for r in search:
             r["chosen"] = r is best
-        search.sort(key=lambda r: r["lr_multiplier"])
+        search.sort(key=lambda r: (r["epochs"], r["lr_multiplier"]))
     else:
         lr = float(cfg.lr * lr_grid[0]) if lr_grid else cfg.lr
     chosen = cfg.model_copy(update={"lr": lr})

@@ -179,6 +179,10 @@ class DiagnosisContext:
             "patience": tp.patience,
             "weight_decay": tp.weight_decay,
             "augment": tp.augment,
+            "lr_patience": tp.lr_patience,
+            "lr_factor": tp.lr_factor,
+            "min_delta": tp.min_delta,
+            "min_lr_ratio": tp.min_lr_ratio,
         }
 
 

@@ -18,16 +18,26 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from pydantic import Field
-from torch import nn
 
 from transferlab.backbones import SourceModel, with_new_head
 from transferlab.strategies.base import Strategy, StrategyConfig, freeze_all, register_strategy
 
-BatchNorm = nn.modules.batchnorm._BatchNorm
+if TYPE_CHECKING:  # params validation imports this module for its Config: no torch at import
+    import torch
+    from torch import nn
+    from torch.nn.modules.batchnorm import _BatchNorm as BatchNorm
+
+
+def _bn_type() -> type:
+    from torch import nn
+
+    return nn.modules.batchnorm._BatchNorm
+
+
 STATS_BATCH = 128  # images per forward pass in the layer-by-layer fallback
 # Above this estimated activation memory, the one full-batch pass gives way to the layer-by-layer passes.
 # 2 GiB: the default 1,000 images at 48 px through EfficientNet-Lite0 need about 0.7 GiB.
@@ -47,6 +57,8 @@ class _Moments:
         self.count, self.mean, self.m2 = 0, None, None
 
     def update(self, act: torch.Tensor) -> None:
+        import torch
+
         a = act.detach().to(device="cpu", dtype=torch.float64).transpose(0, 1).reshape(act.shape[1], -1)
         nb = a.shape[1]
         if nb == 0:
@@ -74,7 +86,7 @@ class _Stop(Exception):
 
 
 def _tracked_bns(model: nn.Module) -> list[BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, BatchNorm) and m.track_running_stats]
+    return [m for m in model.modules() if isinstance(m, _bn_type()) and m.track_running_stats]
 
 
 def _peak_bytes(model: nn.Module, bns: list[BatchNorm], one: torch.Tensor, n: int) -> int:
@@ -93,8 +105,15 @@ def _peak_bytes(model: nn.Module, bns: list[BatchNorm], one: torch.Tensor, n: in
     return 3 * 4 * largest[0] * n
 
 
-@torch.no_grad()
-def reestimate_bn_stats(
+def reestimate_bn_stats(*args, **kwargs) -> str:
+    """`_reestimate_bn_stats` without autograd (see there)."""
+    import torch
+
+    with torch.no_grad():
+        return _reestimate_bn_stats(*args, **kwargs)
+
+
+def _reestimate_bn_stats(
     model: nn.Module,
     inputs: Callable[[np.ndarray, bool], torch.Tensor],
     n: int,
@@ -191,7 +210,7 @@ class Adabn(Strategy):
 
     def build(self, source: SourceModel, num_classes: int, cfg: AdabnConfig, seed: int) -> nn.Module:
         model = with_new_head(source.model, num_classes, seed)
-        if not any(isinstance(m, BatchNorm) for m in model.modules()):
+        if not any(isinstance(m, _bn_type()) for m in model.modules()):
             raise ValueError(f"strategies.adabn: {source.arch} has no BatchNorm layers to adapt")
         freeze_all(model)
         for p in model.get_classifier().parameters():
@@ -207,5 +226,5 @@ class Adabn(Strategy):
         # Every BatchNorm layer in eval mode (also any without affine weights): the adapted statistics stay.
         model.train()
         for m in model.modules():
-            if isinstance(m, BatchNorm):
+            if isinstance(m, _bn_type()):
                 m.eval()

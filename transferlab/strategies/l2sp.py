@@ -15,12 +15,16 @@ effective pull toward w0 is not the paper's; alpha values tuned for the paper's 
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
-from torch import nn
 
 from transferlab.backbones import SourceModel, with_new_head
 from transferlab.strategies.base import Strategy, StrategyConfig, head_names, register_strategy
+
+if TYPE_CHECKING:  # params validation imports this module for its Config: no torch at import
+    import torch
+    from torch import nn
 
 REFERENCE_ATTR = "l2sp_reference"  # dict name -> pre-trained tensor; not a buffer, so not in state_dict
 
