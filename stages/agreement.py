@@ -47,7 +47,7 @@ def protocol_kwargs(tp, seeds: list[int]) -> dict:
         "augment": tp.augment,
         "num_threads": tp.num_threads,
     }
-    for key in ("lr_patience", "lr_factor", "min_delta", "min_lr_ratio"):
+    for key in ("lr_patience", "lr_factor", "min_delta", "min_lr_ratio", "channels_last"):
         if hasattr(tp, key):
             kw[key] = getattr(tp, key)
     return kw

@@ -133,6 +133,7 @@ def main() -> None:
             device=device,
             lr_patience=tp.lr_patience,
             min_lr_ratio=tp.min_lr_ratio,
+            channels_last=tp.channels_last,
             lr_factor=tp.lr_factor,
             min_delta=tp.min_delta,
         )

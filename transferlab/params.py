@@ -174,6 +174,9 @@ class TrainParams(Section):
     # Resolved when a stage runs (transferlab.device.resolve_device), not here: validation must not import
     # torch. CUDA runs use mixed precision and are reproducible on the same card, not bit-identical to CPU.
     device: str = Field("auto", description="auto (CUDA when available, else CPU) | cpu | cuda | cuda:N")
+    # 1.7-1.9x the training images/s of the default layout on this project's 2-core CPU (benchmarks/);
+    # other floating-point results than the default layout, reproducible run to run.
+    channels_last: bool = Field(True, description="train image strategies in channels-last memory order")
 
     @field_validator("device")
     @classmethod

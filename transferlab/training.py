@@ -340,14 +340,16 @@ def training_failure(history: list[dict], num_classes: int, best_val_accuracy: f
 
 
 def image_batches(
-    images: np.ndarray, source: SourceModel | dict, augment: str, gen: torch.Generator
+    images: np.ndarray, source: SourceModel | dict, augment: str, gen: torch.Generator, channels_last: bool = False
 ) -> Callable[[np.ndarray, bool], torch.Tensor]:
-    """`fn(indices, train)` -> normalised (and, when training, augmented) image batch."""
+    """`fn(indices, train)` -> normalised (and, when training, augmented) image batch, in channels-last
+    memory order when asked (the layout the CPU's convolution kernels run fastest on)."""
     mean, std = (source["mean"], source["std"]) if isinstance(source, dict) else (source.mean, source.std)
 
     def batch(idx: np.ndarray, train: bool) -> torch.Tensor:
         x = to_input(images[idx], mean, std)
-        return augment_batch(x, augment, gen) if train else x
+        x = augment_batch(x, augment, gen) if train else x
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     return batch
 
@@ -375,6 +377,7 @@ def train_strategy(
     features: dict[str, np.ndarray] | None = None,
     label: str = "",
     device: torch.device | str | None = None,
+    channels_last: bool = False,
     **schedule: Any,
 ) -> TrainResult:
     """Build the strategy's model from the source and train it on the prepared splits.
@@ -382,7 +385,10 @@ def train_strategy(
     Strategies with `uses_features` train their head on `features` (the cache of the frozen
     backbone's penultimate features); the others train on the images. `schedule` passes
     `lr_patience`, `lr_factor`, `min_delta` and `warmup` on to `fit`. Training runs on `device` (default:
-    the CPU); the returned model is back on the CPU, ready to save.
+    the CPU); the returned model is back on the CPU, ready to save. `channels_last` trains image
+    strategies in channels-last memory order (1.7-1.9x faster on this project's CPU, measured in
+    benchmarks/; other floating-point results than the default order, reproducible run to run); the
+    returned model is back in the default order.
 
     Raises:
         ValueError: a feature strategy got no features cache.
@@ -414,18 +420,22 @@ def train_strategy(
         )
         result.model = model.eval()
     else:
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
         result = fit(
             model,
             strategy,
             cfg,
-            image_batches(images["train"], source, augment, generator),
+            image_batches(images["train"], source, augment, generator, channels_last),
             labels["train"],
-            image_batches(images["val"], source, "none", generator),
+            image_batches(images["val"], source, "none", generator, channels_last),
             labels["val"],
             generator=generator,
             label=label,
             **recipe,
         )
+    if channels_last and not strategy.uses_features:  # safetensors (LoRA adapters) needs contiguous tensors
+        result.model = result.model.to(memory_format=torch.contiguous_format)
     if device.type != "cpu":  # hand the model back where it is saved and evaluated from
         result.model = result.model.to("cpu")
         strategy.move_to(result.model, torch.device("cpu"))

@@ -183,6 +183,7 @@ class DiagnosisContext:
             "lr_factor": tp.lr_factor,
             "min_delta": tp.min_delta,
             "min_lr_ratio": tp.min_lr_ratio,
+            "channels_last": tp.channels_last,
         }
 
 
