@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages._common import params_or_exit, parser, run_main
+from stages._common import log, params_or_exit, parser, run_main
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     from transferlab.io import read_json, write_text
     from transferlab.plotting import confusion_png, curves_png, gain_png
     from transferlab.report import build_sections, to_html, to_markdown
-    from transferlab.tracking import stage_run
+    from transferlab.tracking import git_info, register_champion, stage_run
 
     timings = {
         f.stem: json.loads(f.read_text()).get("train_seconds_total", 0.0)
@@ -66,18 +66,37 @@ def main() -> None:
             if curves:
                 figures.append(curves_png(curves, Path(tmp) / "learning_curves.png"))
             choice = (summary.get("recommendation") or {}).get("choice")
-            conf_csv = Path(args.confusion) / f"{choice}.csv"
-            if choice and conf_csv.is_file():
+            names = list(read_json(args.data)["per_class"])
+            index = {c: i for i, c in enumerate(names)}
+            for role, model in (("recommended", choice), ("scratch", summary["baseline"])):
+                conf_csv = Path(args.confusion) / f"{model}.csv"
+                if not model or not conf_csv.is_file() or (role == "scratch" and model == choice):
+                    continue
                 conf = pd.read_csv(conf_csv)
-                names = list(read_json(args.data)["per_class"])
-                index = {c: i for i, c in enumerate(names)}
                 matrix = np.zeros((len(names), len(names)), dtype=int)
                 np.add.at(matrix, (conf["actual"].map(index), conf["predicted"].map(index)), 1)
-                png = Path(tmp) / "confusion_recommended.png"
-                figures.append(confusion_png(matrix, names, f"{choice}: test confusion (all seeds)", png))
+                png = Path(tmp) / f"confusion_{role}.png"
+                figures.append(confusion_png(matrix, names, f"{model}: test confusion (all seeds)", png))
             write_text(args.html, to_html(sections, figures))
         mlflow.log_artifact(args.markdown)
         mlflow.log_artifact(args.html)
+    # The Model Registry's `champion` alias follows the recommendation (a side effect, like the MLflow runs).
+    choice = (summary.get("recommendation") or {}).get("choice")
+    if choice in params.strategies:
+        row = summary["strategies"][choice]
+        tags = {
+            "commit": git_info().get("git_commit", ""),
+            "test_accuracy": str(row["test_accuracy"]),
+            "val_accuracy": str(row["val_accuracy"]),
+            "macro_f1": str(row["macro_f1"]),
+        }
+        reg = register_champion(params.tracking, choice, tags)
+        if reg:
+            log.info("model registry: %s version %s is now '%s'", reg["name"], reg["version"], "champion")
+    elif choice:
+        log.info(
+            "model registry: the recommendation (%s) is not a trained model; the champion alias is unchanged", choice
+        )
 
 
 if __name__ == "__main__":

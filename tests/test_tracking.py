@@ -47,3 +47,32 @@ def test_unreachable_server_fails_fast_with_the_fix():
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+def test_champion_alias_follows_the_recommendation_and_keeps_its_history(tmp_path, monkeypatch):
+    """Two successive recommendations: the alias moves, the versions carry the history MLflow does not keep."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from transferlab.params import TrackingParams
+    from transferlab.tracking import EXPERIMENT_TAGS, register_champion, stage_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking = TrackingParams(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="exp")
+    assert register_champion(tracking, "lora", {}) is None  # nothing trained yet
+    for name in ("lora", "finetune_full"):
+        with stage_run(tracking, f"train@{name}", {"x": 1}, strategy=name):
+            (tmp_path / "w.txt").write_text(name)
+            mlflow.log_artifact(str(tmp_path / "w.txt"), artifact_path="model")
+    first = register_champion(tracking, "lora", {"commit": "abc"})
+    second = register_champion(tracking, "finetune_full", {"commit": "def"})
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("exp", "champion").version) == second["version"]
+    new = client.get_model_version("exp", second["version"])
+    old = client.get_model_version("exp", first["version"])
+    assert new.tags["strategy"] == "finetune_full" and new.tags["champion.previous_version"] == first["version"]
+    assert old.tags["champion.replaced_by_version"] == second["version"]
+    assert (
+        client.get_experiment_by_name("exp").tags["mlflow.experimentKind"] == EXPERIMENT_TAGS["mlflow.experimentKind"]
+    )

@@ -14,6 +14,7 @@ FIGURE_TITLES = {
     "agreement.png": "Did the source ranking predict what training achieved? (estimate vs achieved accuracy)",
     "learning_curves.png": "Learning curves: every model, every seed, to its plateau",
     "confusion_recommended.png": "Test confusion of the recommended model",
+    "confusion_scratch.png": "Test confusion of scratch (the same architecture from random weights)",
 }
 
 

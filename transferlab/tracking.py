@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 LIBRARIES = ["torch", "torchvision", "timm", "peft", "numpy", "scikit-learn", "dvc", "mlflow", "pandas", "pydantic"]
 
 
+# MLflow 3 opens an experiment without a kind on its GenAI traces page, empty here; with a kind, the runs
+# table (params, metrics) is what a user sees first in `mlflow ui`.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+CHAMPION_ALIAS = "champion"
+
+
 class TrackingError(RuntimeError):
     """The tracking server cannot be used; the message names the URI and the fix."""
 
@@ -128,9 +134,14 @@ def stage_run(
         location = None
         if not uri.startswith(("http://", "https://", "databricks")):
             location = Path("mlartifacts").resolve().as_uri()  # beside the database, not in ./mlruns
-        exp_id = mlflow.create_experiment(tracking.experiment, artifact_location=location)
+        exp_id = mlflow.create_experiment(tracking.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
     else:
         exp_id = exp.experiment_id
+        if any(exp.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):
+            from mlflow.tracking import MlflowClient
+
+            for k, v in EXPERIMENT_TAGS.items():
+                MlflowClient().set_experiment_tag(exp_id, k, v)
     all_tags = {
         "stage": stage,
         "params_sha256": dict_sha256(params),
@@ -166,3 +177,55 @@ def run_info(run: Any, stage: str, params: dict[str, Any], inputs: dict[str, str
         **git_info(),
         **(extra or {}),
     }
+
+
+def register_champion(tracking: Any, strategy: str, tags: dict[str, str]) -> dict[str, Any] | None:
+    """Register the recommended strategy's model (its latest finished `train@<strategy>` run's `model`
+    artifact) in the Model Registry and point the `champion` alias at it.
+
+    MLflow keeps no history of an alias, so the history lives in model-version tags: the new version gets
+    `champion.previous_version`, the one it replaces `champion.replaced_by_version`.
+
+    Args:
+        tracking: the `tracking` params.
+        strategy: the recommended strategy (a key of `strategies`).
+        tags: version tags (commit, metrics).
+
+    Returns:
+        {'name', 'version', 'previous_version', 'run_id'}, or None when no finished train run exists.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(resolve_uri(tracking.uri))
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(tracking.experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.stage = 'train@{strategy}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    run = runs[0]
+    name = tracking.experiment
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, description="transferlab: the recommended model of each run")
+    previous = None
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # no champion yet
+        previous = str(client.get_model_version_by_alias(name, CHAMPION_ALIAS).version)
+    version = client.create_model_version(
+        name,
+        source=f"{run.info.artifact_uri}/model",
+        run_id=run.info.run_id,
+        tags={"strategy": strategy, **tags, **({"champion.previous_version": str(previous)} if previous else {})},
+    ).version
+    if previous and str(previous) != str(version):
+        client.set_model_version_tag(name, previous, "champion.replaced_by_version", str(version))
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+    return {"name": name, "version": str(version), "previous_version": previous, "run_id": run.info.run_id}
