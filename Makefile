@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
 
-.PHONY: repro-full
+.PHONY: repro-full browser
 .PHONY: setup repro test test-fast lint format dataset clean-outputs bench bench-scaling review
 
 setup: $(STAMP)
@@ -46,7 +46,14 @@ FULL_PROFILE := -S data.image_size=64 -S data.train_per_class=100 -S 'train.seed
 repro-full: setup dataset
 	$(VENV)/bin/dvc exp run $(FULL_PROFILE)
 
-test: setup dataset
+# Debian's Chromium: the report is checked in a real (headless) browser by the tests.
+browser:
+	@command -v chromium >/dev/null && exit 0; \
+	echo "installing Debian's chromium (headless report check in the tests)"; \
+	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	$$SUDO apt-get install -y -q chromium || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+
+test: setup dataset browser
 	$(PY) -m pytest -q
 
 test-fast: setup

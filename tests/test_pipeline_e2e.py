@@ -129,6 +129,14 @@ def test_repro_writes_every_output(repo):
     assert "<table>" in html and "Protocol" in html and "equal compute" in html
 
 
+def test_the_report_renders_in_a_browser(repo, tmp_path):
+    """Every figure of the real report (gain, compute, agreement, learning curves, two confusions) decodes in
+    headless Chromium, with no console message and no request to the network."""
+    from browser import assert_report_renders
+
+    assert_report_renders(repo / "reports/report.html", tmp_path, min_figures=6, min_tables=5)
+
+
 def test_second_repro_does_nothing(repo):
     out = _sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
     assert "Running stage" not in out

@@ -186,6 +186,22 @@ def to_markdown(sections: list) -> str:
     return "\n".join(out) + "\n"
 
 
+# After load, the page records on <body> how many figures it has and how many decoded: a headless browser's
+# DOM dump then shows whether every figure rendered (tests/test_report_browser.py). No network involved.
+_SELF_CHECK = (
+    "<script>window.addEventListener('load',function(){var i=Array.prototype.slice.call(document.images);"
+    "document.body.setAttribute('data-figures',i.length);document.body.setAttribute('data-figures-decoded',"
+    "i.filter(function(x){return x.complete&&x.naturalWidth>0;}).length);"
+    "document.body.setAttribute('data-tables',document.querySelectorAll('table').length);"
+    "document.body.setAttribute('data-errors',window.__errors||0);});</script>"
+)
+# In <head>, before anything loads: counts failed resources (a figure or script that does not load, any request
+# to the network, which the report never makes) and uncaught script errors.
+_ERROR_COUNTER = (
+    "<script>window.__errors=0;window.addEventListener('error',function(){window.__errors++;},true);</script>"
+)
+
+
 def to_html(sections: list, images: list[Path]) -> str:
     """One self-contained page (figures inlined as base64 PNG)."""
 
@@ -213,6 +229,6 @@ def to_html(sections: list, images: list[Path]) -> str:
         "th{background:#f4f4f4}img{max-width:100%}"
     )
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>transferlab report</title>"
-        f"<style>{style}</style></head><body><h1>transferlab report</h1>{''.join(body)}</body></html>\n"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>transferlab report</title>{_ERROR_COUNTER}"
+        f"<style>{style}</style></head><body><h1>transferlab report</h1>{''.join(body)}{_SELF_CHECK}</body></html>\n"
     )
