@@ -56,10 +56,12 @@ def main() -> None:
     metrics = {n: read_json(Path(args.eval_metrics) / f"{n}.json") for n in names}
     train = {n: read_json(Path(args.train_metrics) / f"{n}.json") for n in sorted(params.strategies)}
     train[CLASSICAL] = None
-    histories = {
-        n: [h.to_dict("records") for h in layout.read_histories(Path(args.history) / n).values()]
+    # name -> seed -> history rows, read once for the equal-compute comparison and the compute plot.
+    by_seed = {
+        n: {seed: h.to_dict("records") for seed, h in layout.read_histories(Path(args.history) / n).items()}
         for n in sorted(params.strategies)
     }
+    histories = {n: list(runs.values()) for n, runs in by_seed.items()}
     cp = params.compare
     with stage_run(params.tracking, "compare", read):
         import mlflow
@@ -94,9 +96,9 @@ def main() -> None:
                 "train_gflops": r["train_gflops"],
                 "val_accuracy": r["val_accuracy"],
             }
-            for n in sorted(params.strategies)
-            for seed, h in layout.read_histories(Path(args.history) / n).items()
-            for r in h.to_dict("records")
+            for n, runs in by_seed.items()
+            for seed, rows_ in runs.items()
+            for r in rows_
         ]
         write_text(args.compute_plot, pd.DataFrame(curves).to_csv(index=False, lineterminator="\n"))
         compute_png(curves, Path(args.compute_figure))

@@ -41,12 +41,13 @@ def main() -> None:
         for f in sorted(Path(args.perf).glob("*.json"))
     }
     summary = read_json(args.summary)
+    data = read_json(args.data)
     sections = build_sections(
         summary,
         read_json(args.score),
         read_json(args.agreement),
         read_json(args.diagnosis),
-        read_json(args.data),
+        data,
         timings,
     )
     with stage_run(params.tracking, "report", {}):
@@ -66,7 +67,7 @@ def main() -> None:
             if curves:
                 figures.append(curves_png(curves, Path(tmp) / "learning_curves.png"))
             choice = (summary.get("recommendation") or {}).get("choice")
-            names = list(read_json(args.data)["per_class"])
+            names = list(data["per_class"])
             index = {c: i for i, c in enumerate(names)}
             for role, model in (("recommended", choice), ("scratch", summary["baseline"])):
                 conf_csv = Path(args.confusion) / f"{model}.csv"

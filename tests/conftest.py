@@ -45,3 +45,14 @@ def tiny_data() -> dict:
 def tiny_source() -> SourceModel:
     torch.manual_seed(0)
     return load_source("tiny", SourceSpec(kind="random_init", arch=TINY_ARCH), seed=0)
+
+
+@pytest.fixture
+def tiny_features(tiny_source, tiny_data) -> dict:
+    """The tiny source's penultimate features of the train and val images: a features cache."""
+    from transferlab.backbones import extract
+
+    return {
+        s: extract(tiny_source.model, tiny_data["images"][s], tiny_source.mean, tiny_source.std, with_logits=False)[0]
+        for s in ("train", "val")
+    }

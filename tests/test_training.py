@@ -80,16 +80,10 @@ def test_training_failure_flags_chance_and_flat_loss_and_stays_quiet_otherwise()
     assert training_failure(learning, 10, best_val_accuracy=0.85) is None
 
 
-def test_protocol_picks_the_rate_on_validation_and_trains_every_seed(tiny_source, tiny_data):
+def test_protocol_picks_the_rate_on_validation_and_trains_every_seed(tiny_source, tiny_data, tiny_features):
     """The grid's rates are judged on validation only (the test split is not even given), a diverging
     rate loses, the chosen rate is the search table's best, and each seed gets its own run."""
-    from transferlab.backbones import extract
-
     strategy = get_strategy("linear_probe")
-    features = {
-        s: extract(tiny_source.model, tiny_data["images"][s], tiny_source.mean, tiny_source.std, with_logits=False)[0]
-        for s in ("train", "val")
-    }
     no_test = {
         k: {s: v[s] for s in ("train", "val")}
         for k, v in (("images", tiny_data["images"]), ("labels", tiny_data["labels"]))
@@ -109,7 +103,7 @@ def test_protocol_picks_the_rate_on_validation_and_trains_every_seed(tiny_source
         patience=2,
         weight_decay=0.0,
         augment="none",
-        features=features,
+        features=tiny_features,
         label="probe",
     )
     assert sorted(out.runs) == [0, 1]
@@ -123,14 +117,8 @@ def test_protocol_picks_the_rate_on_validation_and_trains_every_seed(tiny_source
     assert not torch.equal(w0, w1)
 
 
-def test_a_best_rate_on_the_grid_edge_extends_the_grid(tiny_source, tiny_data):
+def test_a_best_rate_on_the_grid_edge_extends_the_grid(tiny_source, tiny_data, tiny_features):
     """Tiny rates all under-train; the best sits on the upper edge, so one more step beyond it is tried."""
-    from transferlab.backbones import extract
-
-    features = {
-        s: extract(tiny_source.model, tiny_data["images"][s], tiny_source.mean, tiny_source.std, with_logits=False)[0]
-        for s in ("train", "val")
-    }
     out = train_protocol(
         get_strategy("linear_probe"),
         strategy_config("linear_probe", {"lr": 1.0}),
@@ -147,7 +135,7 @@ def test_a_best_rate_on_the_grid_edge_extends_the_grid(tiny_source, tiny_data):
         patience=2,
         weight_decay=0.0,
         augment="none",
-        features=features,
+        features=tiny_features,
         label="probe",
     )
     live = [r for r in out.lr_search if not r.get("superseded")]
