@@ -12,15 +12,16 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
 
-.PHONY: repro-full browser
+.PHONY: repro-full repro-text textdata browser
 .PHONY: setup repro test test-fast lint format dataset clean-outputs bench bench-scaling review
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps -e .
 	$(VENV)/bin/dvc config core.analytics false
 	touch $(STAMP)
@@ -46,6 +47,20 @@ FULL_PROFILE := -S data.image_size=64 -S data.train_per_class=100 -S 'train.seed
 repro-full: setup dataset
 	$(VENV)/bin/dvc exp run $(FULL_PROFILE)
 
+# The text case study (profiles/text.yaml): tweets and MiniLM come from wheels (setup); the general-English
+# reference corpus of the text domain-shift check is Debian's `fortunes`.
+textdata:
+	@test -f /usr/share/games/fortunes/literature && exit 0; \
+	echo "installing Debian's fortunes (general-English reference corpus of the text checks)"; \
+	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	$$SUDO apt-get install -y -q fortunes || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q fortunes; }
+
+# The text case study, offline: copies profiles/text.yaml over params.yaml (`git checkout params.yaml` and
+# `dvc checkout` return to the image default) and runs the same stages.
+repro-text: setup textdata
+	cp profiles/text.yaml params.yaml
+	$(VENV)/bin/dvc repro
+
 # Debian's Chromium: the report is checked in a real (headless) browser by the tests.
 browser:
 	@command -v chromium >/dev/null && exit 0; \
@@ -53,7 +68,7 @@ browser:
 	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	$$SUDO apt-get install -y -q chromium || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
 
-test: setup dataset browser
+test: setup dataset browser textdata
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -1,4 +1,5 @@
-"""Stage `baseline`: logistic regression on raw pixels (C chosen on validation), evaluated like every strategy."""
+"""Stage `baseline`: the classical bar, evaluated like every strategy: logistic regression on raw pixels
+(images) or on TF-IDF (texts), C chosen on validation. `baseline.model` names it (and its output files)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def main() -> None:
     params = params_or_exit(args.params)
 
     from stages.evaluate import predictions_frame
-    from transferlab.baselines import raw_pixel_logreg
+    from transferlab.baselines import raw_pixel_logreg, tfidf_logreg
     from transferlab.data import load_prepared
     from transferlab.evaluation import classification_metrics
     from transferlab.io import write_json, write_text
@@ -22,11 +23,13 @@ def main() -> None:
 
     read = {"seed": params.seed, "baseline": params.baseline.model_dump()}
     data = load_prepared(args.prepared)
-    with stage_run(params.tracking, "baseline", read, strategy="raw_pixel_logreg"):
+    name = params.baseline.model
+    with stage_run(params.tracking, "baseline", read, strategy=name):
         import mlflow
 
-        _, proba, search = raw_pixel_logreg(
-            data.images,
+        fit = tfidf_logreg if name == "tfidf_logreg" else raw_pixel_logreg
+        _, proba, search = fit(
+            data.texts if name == "tfidf_logreg" else data.images,
             data.labels,
             C_grid=list(params.baseline.C_grid),
             max_iter=params.baseline.max_iter,

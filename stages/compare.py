@@ -1,4 +1,5 @@
-"""Stage `compare`: every strategy and the raw-pixel baseline against scratch, with intervals over test samples
+"""Stage `compare`: every strategy and the classical baseline (raw pixels or TF-IDF) against scratch, with
+intervals over test samples
 and training seeds, verdicts only for converged runs, the equal-compute comparison and the recommendation
 (chosen on validation).
 
@@ -12,8 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages._common import params_or_exit, parser, run_main
-
-CLASSICAL = "raw_pixel_logreg"
 
 
 def main() -> None:
@@ -44,6 +43,7 @@ def main() -> None:
         "compare": params.compare.model_dump(),
         "strategies": sorted(params.strategies),
     }
+    CLASSICAL = params.baseline.model  # noqa: N806 - the classical row: raw pixels or TF-IDF
     names = sorted(params.strategies) + [CLASSICAL]
     missing = [n for n in names if not (Path(args.predictions) / f"{n}.csv").is_file()]
     if missing:
@@ -116,6 +116,8 @@ def main() -> None:
 
 def protocol_text(params) -> str:
     """The protocol behind every number of the summary, in one paragraph (the report prints it)."""
+    from transferlab.comparison import describe
+
     tp, cp = params.train, params.compare
     return (
         f"Every model: learning rate chosen on the validation split from {list(tp.lr_grid)} x its configured "
@@ -123,8 +125,9 @@ def protocol_text(params) -> str:
         f"best rate sits on it, up to {tp.lr_grid_extend}; the same grid and rule for every strategy, "
         f"scratch included); then trained once per seed {list(tp.seeds)} with warm-up and reduce-on-plateau "
         f"until neither validation loss nor accuracy improved for {tp.patience} epochs (cap {tp.epochs}; a run "
-        "that hits the cap is under-trained and gets no verdict); the best validation epoch kept. The raw-pixel "
-        f"baseline's C is chosen on validation from {list(params.baseline.C_grid)}. The recommendation is the "
+        "that hits the cap is under-trained and gets no verdict); the best validation epoch kept. The classical "
+        f"baseline ({describe(params.baseline.model)})'s C is chosen on validation from "
+        f"{list(params.baseline.C_grid)}. The recommendation is the "
         "best model on validation, the baseline included. The test split is used only to report. Intervals: "
         f"{round(cp.confidence * 100)}% percentile bootstrap ({cp.n_bootstrap} replicates) over test samples "
         "(paired) and training seeds (resampled per model)."

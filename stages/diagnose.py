@@ -75,7 +75,7 @@ def build_context(args, params):
     data = load_prepared(args.prepared)
     sel = read_json(args.selection)
     pred_dir = Path(args.predictions)
-    names = sorted(params.strategies) + ["raw_pixel_logreg"]
+    names = sorted(params.strategies) + [params.baseline.model]
     frames = {n: layout.read_predictions(pred_dir / f"{n}.csv") for n in names if (pred_dir / f"{n}.csv").is_file()}
     ids, y, by_seed = layout.aligned_predictions(frames)
     preds = {n: v[0] for n, v in by_seed.items()}  # the first training seed: the model the checks load

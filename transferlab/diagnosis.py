@@ -477,6 +477,12 @@ def to_markdown(findings: list[dict], summary: dict) -> str:
                     f"[{r['change']['ci_low']:+.3f}, {r['change']['ci_high']:+.3f}] ({conf} CI) -> **{r['verdict']}**"
                     + (f"; {r['note']}" if r.get("note") else "")
                 )
+                for alt in r.get("alternatives", []):
+                    lines.append(
+                        f"  - alternative remedy run ({alt['remedy_run']}): {alt['metric']} {alt['before']:.3f} -> "
+                        f"{alt['after']:.3f}, change {alt['change']['gain']:+.3f} [{alt['change']['ci_low']:+.3f}, "
+                        f"{alt['change']['ci_high']:+.3f}] -> **{alt['verdict']}**"
+                    )
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -498,6 +504,17 @@ def _evidence_line(f: dict) -> str:
         )
     if f["type"] == "overfitting":
         return f"train-val accuracy gap at best epoch {e['accuracy_gap_at_best']:.3f} (threshold {e['threshold']})"
+    if f["type"] == "domain_shift" and e.get("measure") == "text":
+        t, r = e["target"], e["reference"]
+        return (
+            f"unknown-token rate {t['unknown_token_rate']:.4f} vs {r['unknown_token_rate']:.4f} (reference), "
+            "word-pieces "
+            f"per word {t['pieces_per_word']:.2f} vs {r['pieces_per_word']:.2f}, emoji {t['emoji_rate']:.2f} vs "
+            f"{r['emoji_rate']:.2f}, hashtags {t['hashtag_rate']:.2f} vs {r['hashtag_rate']:.2f}, mentions "
+            f"{t['mention_rate']:.2f} vs {r['mention_rate']:.2f}, URLs {t['url_rate']:.2f} vs {r['url_rate']:.2f}, "
+            f"non-ASCII {t['non_ascii_rate']:.2f} vs {r['non_ascii_rate']:.2f}; MMD^2 {e['mmd2']:.4f} "
+            f"(p={e['mmd_p_value']:.3f}), proxy A-distance {e['proxy_a_distance']:.2f}"
+        )
     if f["type"] == "domain_shift":
         text = (
             f"mean BN statistics gap {e['bn_mean_gap_avg']} (threshold {e['bn_gap_threshold']}); "
@@ -527,6 +544,12 @@ def _evidence_line(f: dict) -> str:
             f"{e['rates_that_wreck_the_source_task']}"
         )
     if f["type"] == "catastrophic_forgetting":
+        if e.get("measure") == "text_similarity":
+            return (
+                f"pairwise sentence similarities kept (Spearman) {e['similarity_spearman']:.3f} (threshold "
+                f"{e['threshold']}), nearest neighbour kept {e['nearest_neighbour_kept']:.3f}, on "
+                f"{e['reference_texts']} general-English passages"
+            )
         if "source_accuracy_before" in e:
             return (
                 f"source-task accuracy {e['source_accuracy_before']:.3f} -> {e['source_accuracy_after']:.3f} "

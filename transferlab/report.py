@@ -86,7 +86,8 @@ def build_sections(
     sections.append(
         (
             "Every model against scratch, the classical bar included",
-            f"{data['test_samples']} test images, {data['train_samples']} training labels "
+            f"{data['test_samples']} test {'texts' if data.get('modality') == 'text' else 'images'}, "
+            f"{data['train_samples']} training labels "
             f"({data['num_classes']} classes). Intervals: {summary.get('interval_covers', 'test samples')}, "
             f"{summary['n_bootstrap']} replicates. 'inconclusive' means the interval contains zero; "
             "'inconclusive (under-trained)' or '(training failed)' means no verdict can be drawn.",
@@ -120,7 +121,7 @@ def build_sections(
     sections.append(
         (
             "Transfer against training from scratch at equal compute",
-            "Training compute = forward + backward (about 3x the forward FLOPs) per training image seen; "
+            "Training compute = forward + backward (about 3x the forward FLOPs) per training sample seen; "
             "validation accuracy, so the test split stays untouched. Figure: accuracy against compute.",
             table,
         )

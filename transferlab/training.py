@@ -111,6 +111,12 @@ def predict_images(
 ) -> torch.Tensor:
     """Logits of `model` (eval mode, moved to `device`) over uint8 (N, H, W, 3) images, normalised with
     `mean` / `std`; float32 on the CPU."""
+    if images.ndim == 2:  # token ids: batches of similar lengths (little padding), logits in the caller's order
+        from transferlab.text import length_order
+
+        order = length_order(images)
+        logits = predict_logits(model, lambda idx: to_input(images[order[idx]], mean, std), len(images), device=device)
+        return logits[torch.from_numpy(np.argsort(order))]
     return predict_logits(model, lambda idx: to_input(images[idx], mean, std), len(images), device=device)
 
 
@@ -348,6 +354,8 @@ def image_batches(
 
     def batch(idx: np.ndarray, train: bool) -> torch.Tensor:
         x = to_input(images[idx], mean, std)
+        if not x.is_floating_point():  # token ids of a text dataset: no image augmentation, no memory layout
+            return x
         x = augment_batch(x, augment, gen) if train else x
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 

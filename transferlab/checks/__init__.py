@@ -37,6 +37,7 @@ class Check:
 
     name: ClassVar[str] = ""
     order: ClassVar[int] = 100  # position in the stage's loop (the report orders by finding type)
+    modalities: ClassVar[tuple[str, ...]] = ("image", "text")  # data it reads; skipped (and counted) otherwise
 
     def applies(self, ctx: DiagnosisContext) -> bool:
         """False when the inputs this check needs are absent (it is then skipped and counted)."""
@@ -200,7 +201,7 @@ def run_checks(ctx: DiagnosisContext, names: list[str] | None = None) -> tuple[l
     selected = [get_check(n) for n in (names if names is not None else sorted(CHECKS))]
     findings, ran, skipped = [], [], []
     for check in sorted(selected, key=lambda c: (c.order, c.name)):
-        if not check.applies(ctx):
+        if ctx.data.modality not in check.modalities or not check.applies(ctx):
             skipped.append(check.name)
             continue
         log.info("check %s", check.name)

@@ -68,6 +68,7 @@ def adabn_config(ctx: DiagnosisContext):
 @register_check("domain_shift")
 class DomainShift(Check):
     order = 40
+    modalities = ("image",)
 
     def _target_feats(self, ctx: DiagnosisContext, source: str) -> np.ndarray:
         idx = stratified_indices(ctx.y, ctx.params.diagnose.probe_images, seed=ctx.seed)

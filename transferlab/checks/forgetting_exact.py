@@ -37,6 +37,7 @@ def restore_bn_buffers(tuned: torch.nn.Module, source: torch.nn.Module) -> torch
 @register_check("forgetting_exact")
 class ForgettingExact(Check):
     order = 35
+    modalities = ("image",)
 
     def applies(self, ctx: DiagnosisContext) -> bool:
         return ctx.params.diagnose.forgetting_source is not None

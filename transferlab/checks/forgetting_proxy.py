@@ -21,6 +21,7 @@ def tuned_strategy(ctx: DiagnosisContext) -> str | None:
 @register_check("forgetting_proxy")
 class ForgettingProxy(Check):
     order = 30
+    modalities = ("image",)
 
     def applies(self, ctx: DiagnosisContext) -> bool:
         return tuned_strategy(ctx) is not None and ctx.load_source().has_classifier

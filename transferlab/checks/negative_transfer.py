@@ -1,12 +1,11 @@
 """Check `negative_transfer`: every strategy and every candidate source (under the agreement stage's linear
-probe) against scratch and the raw-pixel baseline; remedy: the selected source, or the linear probe."""
+probe) against scratch and the classical baseline (raw pixels or TF-IDF, `baseline.model`); remedy: the
+selected source, or the linear probe."""
 
 from __future__ import annotations
 
 from transferlab import diagnosis as dx
 from transferlab.checks import Check, DiagnosisContext, register_check
-
-RAW = "raw_pixel_logreg"
 
 
 @register_check("negative_transfer")
@@ -18,13 +17,14 @@ class NegativeTransfer(Check):
 
     def _models(self, ctx: DiagnosisContext) -> dict:
         base = ctx.params.compare.baseline
-        strategies = {n: v for n, v in ctx.preds.items() if n not in (base, RAW)}
+        strategies = {n: v for n, v in ctx.preds.items() if n not in (base, ctx.params.baseline.model)}
         return strategies | ctx.candidates
 
     def measure(self, ctx: DiagnosisContext) -> list[dict]:
         refs = {"scratch": ctx.preds[ctx.params.compare.baseline]}
-        if RAW in ctx.preds:
-            refs[RAW] = ctx.preds[RAW]
+        classical = ctx.params.baseline.model
+        if classical in ctx.preds:
+            refs[classical] = ctx.preds[classical]
         # Sources are compared under the linear probe: the same cheap head for each, so the features decide.
         return dx.negative_transfer(
             ctx.y, self._models(ctx), refs, n_bootstrap=ctx.n_bootstrap, seed=ctx.seed, confidence=ctx.confidence

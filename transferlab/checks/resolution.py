@@ -61,6 +61,7 @@ def probe_predictions(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray
 @register_check("resolution")
 class Resolution(Check):
     order = 50
+    modalities = ("image",)
 
     def measure(self, ctx: DiagnosisContext) -> list[dict]:
         src = ctx.load_source()

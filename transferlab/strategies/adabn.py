@@ -205,6 +205,7 @@ def _reestimate_bn_stats(
 @register_strategy
 class Adabn(Strategy):
     name = "adabn"
+    modalities = ("image",)  # BatchNorm statistics: text encoders have LayerNorm
     summary = "frozen backbone with BatchNorm statistics re-estimated on the target, new head trained"
     Config = AdabnConfig
 

@@ -116,6 +116,7 @@ class Strategy:
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     uses_features: ClassVar[bool] = False  # trains on the features cache instead of images
     pretrained: ClassVar[bool] = True  # False: starts from random weights (scratch)
+    modalities: ClassVar[tuple[str, ...]] = ("image", "text")  # what it can train on (a params check)
 
     def build(self, source: SourceModel, num_classes: int, cfg: StrategyConfig, seed: int) -> nn.Module:
         """The source network with a new `num_classes` head and the right parameters trainable."""
@@ -167,13 +168,12 @@ class Strategy:
 
     def load(self, out_dir: Path, load_source: Callable[[], SourceModel]) -> nn.Module:
         """Rebuild the trained model from `out_dir` (eval mode)."""
-        import timm
         import torch
 
+        from transferlab.backbones import _create
+
         ckpt = torch.load(out_dir / "model.pt", map_location="cpu", weights_only=True)
-        model = timm.create_model(
-            ckpt["arch"], pretrained=False, num_classes=ckpt["num_classes"], **ckpt.get("kwargs", {})
-        )
+        model = _create(ckpt["arch"], pretrained=False, num_classes=ckpt["num_classes"], **ckpt.get("kwargs", {}))
         model.load_state_dict(ckpt["state_dict"], strict=True)
         return model.eval()
 

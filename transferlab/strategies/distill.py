@@ -41,6 +41,7 @@ class DistillConfig(StrategyConfig):
 @register_strategy
 class Distill(Strategy):
     name = "distill"
+    modalities = ("image",)  # the teacher is an image source
     summary = "student fine-tuned on labels + a fine-tuned larger teacher's soft targets"
     Config = DistillConfig
 

