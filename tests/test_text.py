@@ -159,6 +159,9 @@ def test_csv_problems_name_the_fix(tmp_path):
         load_dataset(DataParams(**base))  # latin-1 bytes read as utf-8
     with pytest.raises(DatasetError, match="column.*'text'.*data.text_column"):
         load_dataset(DataParams(**{**base, "text_column": "text", "encoding": "latin-1"}))
+    typo = _csv(tmp_path / "t.csv", [(f"text {i}", "positive") for i in range(40)] + [("oops", "positve")])
+    with pytest.raises(DatasetError, match="'positve' \\(1 rows\\) looks like 'positive' \\(40 rows\\)"):
+        load_dataset(DataParams(**{**base, "path": str(typo)}))
     with pytest.raises(DatasetError, match="needs a CSV"):
         load_dataset(DataParams(dataset="csv"))
 

@@ -76,3 +76,71 @@ def test_champion_alias_follows_the_recommendation_and_keeps_its_history(tmp_pat
     assert (
         client.get_experiment_by_name("exp").tags["mlflow.experimentKind"] == EXPERIMENT_TAGS["mlflow.experimentKind"]
     )
+
+
+_CHILD = """
+import os, signal, sys
+from transferlab.params import TrackingParams
+from transferlab.tracking import stage_run
+tracking = TrackingParams(uri=sys.argv[1], experiment="t")
+with stage_run(tracking, "train@" + sys.argv[2], {}) as run:
+    print(run.info.run_id, flush=True)
+    os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+"""
+
+
+def _child_run(tmp_path, uri: str, signal_name: str) -> tuple[int, str]:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, uri, signal_name], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    return proc.returncode, proc.stdout.strip().splitlines()[0]
+
+
+def test_a_stage_killed_with_sigkill_is_marked_killed_by_the_next_stage(tmp_path, monkeypatch):
+    """kill -9 leaves the run RUNNING (nothing in the process can end it); the next stage run on this host
+    finds its pid dead and marks it KILLED, with which stage noticed."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/t.db"
+    code, run_id = _child_run(tmp_path, uri, "SIGKILL")
+    assert code == -9
+    mlflow.set_tracking_uri(uri)
+    assert mlflow.get_run(run_id).info.status == "RUNNING"
+    with stage_run(TrackingParams(uri=uri, experiment="t"), "score", {}):
+        pass
+    killed = mlflow.get_run(run_id)
+    assert killed.info.status == "KILLED" and killed.data.tags["transferlab.killed_detected_by"] == "score"
+
+
+def test_a_live_run_of_another_process_is_left_running(tmp_path, monkeypatch):
+    """Two stages at once (dvc queue -j 2): a RUNNING run whose process is alive is not touched."""
+    import os
+
+    import mlflow
+
+    from transferlab.tracking import mark_orphaned_runs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking = TrackingParams(uri=f"sqlite:///{tmp_path}/t.db", experiment="t")
+    with stage_run(tracking, "train@a", {}) as run:
+        assert str(os.getpid()) == run.data.tags["transferlab.pid"]
+        assert mark_orphaned_runs(run.info.experiment_id, stage="other") == []
+        assert mlflow.get_run(run.info.run_id).info.status == "RUNNING"
+
+
+def test_sigterm_ends_the_run_as_killed(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/t.db"
+    code, run_id = _child_run(tmp_path, uri, "SIGTERM")
+    assert code != 0
+    mlflow.set_tracking_uri(uri)
+    assert mlflow.get_run(run_id).info.status == "KILLED"

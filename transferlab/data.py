@@ -273,12 +273,40 @@ def _read_text_csv(path: Path, *, text_column: str, label_column: str, encoding:
     texts = [t for t, k in zip(texts, keep, strict=True) if k]
     labels_raw = [y for y, k in zip(labels_raw, keep, strict=True) if k]
     class_names = sorted(set(labels_raw))
+    _check_label_typos(labels_raw, class_names, label_column)
     index = {c: i for i, c in enumerate(class_names)}
     labels = np.array([index[y] for y in labels_raw], dtype=np.int64)
     digest = hashlib.sha256(raw + f"|{text_column}|{label_column}|{encoding}".encode()).hexdigest()
     return RawDataset(
         np.zeros((0,), np.uint8), labels, class_names, None, [], len(frame), digest, texts=texts, dropped=dropped
     )
+
+
+def _check_label_typos(labels: list[str], class_names: list[str], column: str) -> None:
+    """A rare label spelled almost like a frequent one ('positve' beside 'positive') is a typo, not a class.
+
+    Raises:
+        DatasetError: naming each suspect label, its rows and the label it resembles.
+    """
+    import difflib
+    from collections import Counter
+
+    counts = Counter(labels)
+    biggest = max(counts.values())
+    suspects = []
+    for name in class_names:
+        if counts[name] >= 0.05 * biggest:
+            continue
+        common = [c for c in class_names if c != name and counts[c] >= 0.05 * biggest]
+        close = difflib.get_close_matches(name.lower(), [c.lower() for c in common], n=1, cutoff=0.8)
+        if close:
+            like = next(c for c in common if c.lower() == close[0])
+            suspects.append(f"'{name}' ({counts[name]} rows) looks like '{like}' ({counts[like]} rows)")
+    if suspects:
+        raise DatasetError(
+            f"column '{column}': {'; '.join(suspects)}. Fix the labels in the file (a typo would become a class "
+            "of its own)"
+        )
 
 
 def _to_rgb_resized(image: np.ndarray, size: int) -> np.ndarray:

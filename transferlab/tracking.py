@@ -116,7 +116,9 @@ def stage_run(
         tags: extra tags.
 
     Yields:
-        The active mlflow run; a failure inside marks it FAILED and re-raises.
+        The active mlflow run; a failure inside marks it FAILED and re-raises; SIGTERM or Ctrl-C marks it
+        KILLED and exits. Runs of this host left RUNNING by a killed process (SIGKILL) are marked KILLED
+        first (`mark_orphaned_runs`).
 
     Raises:
         TrackingError: the tracking server is unreachable.
@@ -142,19 +144,96 @@ def stage_run(
 
             for k, v in EXPERIMENT_TAGS.items():
                 MlflowClient().set_experiment_tag(exp_id, k, v)
+    mark_orphaned_runs(exp_id, stage=stage)
+    import socket
+
     all_tags = {
         "stage": stage,
+        "transferlab.host": socket.gethostname(),
+        "transferlab.pid": str(os.getpid()),
         "params_sha256": dict_sha256(params),
         **{k: ",".join(v)[:4000] if isinstance(v, list) else str(v) for k, v in git_info().items()},
         **({"strategy": strategy} if strategy else {}),
         **(tags or {}),
     }
-    with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=all_tags) as run:
-        flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
-        keys = sorted(flat)
-        for i in range(0, len(keys), 100):  # MLflow takes at most 100 params per batch
-            mlflow.log_params({k: flat[k] for k in keys[i : i + 100]})
-        yield run
+    run = mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=all_tags)
+    try:
+        with _sigterm_ends_run():
+            flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+            keys = sorted(flat)
+            for i in range(0, len(keys), 100):  # MLflow takes at most 100 params per batch
+                mlflow.log_params({k: flat[k] for k in keys[i : i + 100]})
+            yield run
+    except (_Terminated, KeyboardInterrupt):
+        mlflow.end_run(status="KILLED")
+        raise SystemExit(f"{stage}: interrupted; its MLflow run {run.info.run_id} is marked KILLED") from None
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def mark_orphaned_runs(experiment_id: str, *, stage: str | None = None) -> list[str]:
+    """Mark KILLED every RUNNING run of this experiment started on this host by a process that is gone.
+
+    A stage killed with SIGKILL (`kill -9`, the OOM killer, a lost machine) cannot end its own MLflow run,
+    which would stay RUNNING for ever. Each run records its host and pid (tags `transferlab.host`,
+    `transferlab.pid`); the next stage to start on the same host finds the dead ones here. Runs of other
+    hosts are left alone (their processes cannot be checked from here).
+
+    Returns:
+        The run ids marked KILLED.
+    """
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    host = socket.gethostname()
+    marked = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        pid = tags.get("transferlab.pid", "")
+        if tags.get("transferlab.host") != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "transferlab.killed_detected_by", stage or "unknown")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        log.warning("MLflow run %s (%s, pid %s) was killed: marked KILLED", run.info.run_id, tags.get("stage"), pid)
+        marked.append(run.info.run_id)
+    return marked
+
+
+class _Terminated(BaseException):
+    """SIGTERM inside a stage (DVC stopping, a queue worker cancelled): the run ends as KILLED."""
+
+
+@contextlib.contextmanager
+def _sigterm_ends_run() -> Iterator[None]:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001 - the signal module's signature
+        raise _Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _current_uri() -> str:
