@@ -27,6 +27,8 @@ USER_ERRORS = (
     ("transferlab.tracking", "TrackingError"),
     ("transferlab.training", "DivergenceError"),
     ("transferlab.device", "DeviceError"),
+    ("transferlab.io", "OutputError"),
+    ("transferlab.text", "TextModelError"),
 )
 
 

@@ -251,6 +251,8 @@ def test_check_registry_lists_every_check_and_names_the_valid_ones_on_a_typo():
         "domain_shift",
         "resolution",
         "overfitting",
+        "text_domain_shift",
+        "text_forgetting",
     }
     assert set(CHECKS) == expected and all(get_check(n).name == n for n in expected)
     with pytest.raises(KeyError, match="valid: .*domain_shift"):
@@ -300,3 +302,20 @@ def test_resolution_remedy_features_at_a_larger_size(tiny_source, tiny_data):
     assert small["train"].shape == big["train"].shape and not np.allclose(small["train"], big["train"])
     pred = probe_predictions(big, tiny_data["labels"], seed=0)
     assert pred["test"].shape == tiny_data["labels"]["test"].shape
+
+
+def test_checks_of_the_other_modality_are_skipped_and_listed():
+    """An image check never runs on text (and vice versa): it is listed as skipped, not silently dropped."""
+    from types import SimpleNamespace
+
+    from transferlab.checks import CHECKS, run_checks
+
+    image_only = [n for n, c in CHECKS.items() if c.modalities == ("image",)]
+    text_only = [n for n, c in CHECKS.items() if c.modalities == ("text",)]
+    assert {"domain_shift", "resolution"} <= set(image_only) and set(text_only) == {
+        "text_domain_shift",
+        "text_forgetting",
+    }
+    ctx = SimpleNamespace(data=SimpleNamespace(modality="text"))
+    findings, log = run_checks(ctx, image_only)
+    assert findings == [] and sorted(log["checks_skipped"]) == sorted(image_only) and log["checks_run"] == []

@@ -175,14 +175,13 @@ def load_imagefolder(params: DataParams) -> RawDataset:
             empty.append(class_dir.name)
         for f in files:
             seen += 1
-            raw = f.read_bytes()
             digest.update(f"{class_dir.name}/{f.name}".encode())
-            digest.update(hashlib.sha256(raw).digest())
             try:
+                digest.update(hashlib.sha256(f.read_bytes()).digest())
                 with Image.open(f) as im:
                     im.load()
-                    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-            except Exception as exc:  # noqa: BLE001 - any decoder failure is a corrupt file; counted below
+                    arr = _to_uint8_rgb(im)
+            except Exception as exc:  # noqa: BLE001 - an unreadable or undecodable file is corrupt; counted below
                 corrupt.append(f"{f} ({type(exc).__name__}: {exc})")
                 continue
             images.append(arr)
@@ -307,6 +306,20 @@ def _check_label_typos(labels: list[str], class_names: list[str], column: str) -
             f"column '{column}': {'; '.join(suspects)}. Fix the labels in the file (a typo would become a class "
             "of its own)"
         )
+
+
+def _to_uint8_rgb(im: Image.Image) -> np.ndarray:
+    """Any decoded image -> uint8 RGB. 16-bit and 32-bit images are scaled to 8 bits (Pillow's own conversion
+    clips them: a 16-bit scan would come out almost all white); alpha and palettes go the usual way."""
+    if im.mode.startswith("I;16"):
+        gray = (np.asarray(im, dtype=np.uint32) // 257).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        gray = np.zeros(a.shape, np.uint8) if hi == lo else np.round((a - lo) / (hi - lo) * 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 def _to_rgb_resized(image: np.ndarray, size: int) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,18 +15,48 @@ from typing import Any
 import numpy as np
 
 
+class OutputError(OSError):
+    """An output that cannot be written (full disk, quota, read-only or unwritable folder); names the fix."""
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    return OutputError(
+        exc.errno,
+        f"cannot write {path}: {os.strerror(exc.errno or 0)}. Free space or fix the permissions of "
+        f"{path.parent} (df -h {path.parent}), then rerun: no partial file was left (outputs are written "
+        "atomically). Earlier results: `dvc checkout` restores cached outputs, `git checkout -- metrics/` the "
+        "metrics files.",
+    )
+
+
 def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Write through a temp file in the same folder, then rename over `path`."""
+    """Write through a temp file in the same folder, then rename over `path`.
+
+    Raises:
+        OutputError: a full disk, a quota, a read-only or unwritable folder (the temp file is removed).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if exc.errno in DISK_ERRNOS:
+            raise _output_error(path, exc) from None
+        raise
     os.close(fd)
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be read by others
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        # numpy reports a short write without an errno: a disk with no room left is the cause then.
+        full = isinstance(exc, OSError) and exc.errno is None and shutil.disk_usage(path.parent).free < 2**20
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and (exc.errno in DISK_ERRNOS or full):
+            raise _output_error(path, OSError(exc.errno or errno.ENOSPC, str(exc))) from None
         raise
     return path
 
