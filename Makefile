@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
 
-.PHONY: repro-full repro-text textdata browser bad-inputs-doc
+.PHONY: repro-full repro-text textdata browser bad-inputs-doc faults
 .PHONY: setup repro test test-fast lint format dataset clean-outputs bench bench-scaling review
 
 setup: $(STAMP)
@@ -60,6 +60,10 @@ textdata:
 repro-text: setup textdata
 	cp profiles/text.yaml params.yaml
 	$(VENV)/bin/dvc repro
+
+# docs/faults.md: kill -9 inside each kind of stage of the tiny project, recover, compare (minutes).
+faults: setup
+	$(PY) benchmarks/faults.py --out docs/faults.md
 
 # docs/bad_inputs.md: the message each bad input gets, written by the cases the tests check.
 bad-inputs-doc: setup

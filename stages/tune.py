@@ -162,6 +162,7 @@ def main() -> None:
                 pruner=tu.pruning,
                 catch=(DivergenceError,),  # a diverging learning rate is a bad trial, not a failed stage
                 on_trial_end=log_trial,
+                workers=tu.workers,
             )
         except TuningError as exc:
             raise SystemExit(f"tune@{name}: {exc}") from None

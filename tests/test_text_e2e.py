@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_pipeline_e2e import _sh
+from tiny_repo import sh as _sh
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from transferlab.params import ParamsError, parse_params
 from transferlab.seeding import seed_everything
 from transferlab.strategies import get_strategy, strategy_config
 from transferlab.training import train_strategy
-from transferlab.tuning import ReportingStrategy, SearchSpace, TuningError, tune, validate_space
+from transferlab.tuning import ReportingStrategy, SearchSpace, TuningError, open_storage, tune, validate_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -335,3 +335,67 @@ def test_tune_stage_linear_probe_end_to_end(tiny_source, tiny_data, tmp_path, mo
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(r.info.run_name for r in trials) == ["trial-0", "trial-1"]
     assert all("val_accuracy" in r.data.metrics and "lr" in r.data.params for r in trials)
+
+
+def test_two_parallel_workers_share_one_study_on_a_journal_file(tmp_path):
+    """Two forked workers on one JournalStorage study: every trial of the budget ran once (none lost, none
+    duplicated), both workers took part, and the best trial reported is the best of all of them."""
+    import os
+
+    space = SearchSpace.from_dict({"lr": {"low": 1e-4, "high": 1e-1, "log": True}})
+    pids = tmp_path / "pids"
+    pids.mkdir()
+
+    def objective(config, report):
+        (pids / f"{os.getpid()}-{config['lr']:.12g}").write_text("")
+        return -((math.log10(config["lr"]) + 2) ** 2)
+
+    logged = []
+    storage = f"journal:///{tmp_path}/optuna.journal"
+    result = tune(
+        objective,
+        space,
+        n_trials=10,
+        seed=0,
+        storage_url=storage,
+        study_name="parallel",
+        base_config={"kind": "lora"},
+        pruner=False,
+        workers=2,
+        on_trial_end=logged.append,
+    )
+    numbers = sorted(t["number"] for t in result["trials"])
+    assert numbers == list(range(10)) and [t["state"] for t in result["trials"]].count("COMPLETE") == 10
+    calls = [p.name for p in pids.iterdir()]
+    assert len(calls) == 10 and len({c.split("-")[0] for c in calls}) == 2  # both workers, each trial once
+    assert os.getpid() not in {int(c.split("-")[0]) for c in calls}  # optimised in the workers, not here
+    assert result["best_value"] == max(t["value"] for t in result["trials"])
+    assert sorted(t["number"] for t in logged) == numbers  # every trial reaches MLflow, from this process
+    reloaded = optuna.load_study(study_name="parallel", storage=open_storage(storage))
+    assert len(reloaded.trials) == 10
+
+
+def test_parallel_workers_refuse_sqlite(tmp_path):
+    space = SearchSpace.from_dict({"lr": {"low": 1e-4, "high": 1e-1, "log": True}})
+    with pytest.raises(TuningError, match="journal:///optuna.journal.*postgresql"):
+        tune(
+            lambda c, r: 0.0,
+            space,
+            n_trials=2,
+            seed=0,
+            storage_url=f"sqlite:///{tmp_path}/o.db",
+            study_name="s",
+            base_config={"kind": "lora"},
+            workers=2,
+        )
+
+
+def test_tune_workers_with_sqlite_is_a_params_error():
+    from pathlib import Path
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["tune"].update(workers=2)
+    with pytest.raises(ParamsError, match="tune.workers: 2 workers need tune.storage journal:///optuna.journal"):
+        parse_params(raw)
+    raw["tune"].update(storage="journal:///optuna.journal")
+    assert parse_params(raw).tune.workers == 2

@@ -257,6 +257,12 @@ class TuneParams(Section):
     # Not MLflow's database: Optuna and MLflow both keep an `alembic_version` table in their SQLite file.
     storage: str = Field("sqlite:///optuna.db", description="Optuna storage URL (studies: tune@<strategy>)")
     pruning: bool = Field(True, description="median pruning of trials that trail earlier ones at the same epoch")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="processes optimising one study at once; > 1 needs storage journal:///file (one machine) or "
+        "postgresql://... (several): SQLite locks under parallel writers",
+    )
     space: dict[str, dict[str, dict[str, Any]]] = Field(
         {},
         description="per strategy name, its search space: {hyperparameter: {low, high[, log, step]} | "
@@ -456,6 +462,11 @@ class Params(Section):
         if missing:
             raise ValueError(
                 f"tune.strategies: {missing} not key(s) of `strategies` (valid: {sorted(self.strategies)})"
+            )
+        if self.tune.workers > 1 and not self.tune.storage.startswith(("journal:///", "postgresql")):
+            raise ValueError(
+                f"tune.workers: {self.tune.workers} workers need tune.storage journal:///optuna.journal (one "
+                f"machine) or postgresql://... (several), not '{self.tune.storage}' (SQLite locks: optuna#820)"
             )
         if self.tune.storage == self.tracking.uri:
             raise ValueError(

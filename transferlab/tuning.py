@@ -27,6 +27,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -273,6 +274,24 @@ def _trial_record(t: Any) -> dict[str, Any]:
     return {"number": t.number, "params": dict(t.params), "value": t.value, "state": t.state.name}
 
 
+JOURNAL = "journal:///"
+PARALLEL_STORAGES = (JOURNAL, "postgresql")
+
+
+def open_storage(url: str) -> Any:
+    """An Optuna storage: 'journal:///path' is a JournalStorage on a file (parallel workers on one machine,
+    Optuna's advice for multi-process optimisation); any other URL goes to Optuna as it is (sqlite:///...
+    for one worker, postgresql://... for workers on several machines)."""
+    if url.startswith(JOURNAL):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix(JOURNAL))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    return url
+
+
 def tune(
     objective_fn: Objective,
     space: SearchSpace,
@@ -285,8 +304,10 @@ def tune(
     pruner: bool = True,
     catch: tuple[type[Exception], ...] = (),
     on_trial_end: Callable[[dict[str, Any]], None] | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Maximise `objective_fn` over `space` with a seeded TPE sampler, one trial after the other.
+    """Maximise `objective_fn` over `space` with a seeded TPE sampler, one trial after the other, or in
+    `workers` processes sharing the study through the storage.
 
     Each trial's suggested values are merged into `base_config` and passed as
     `objective_fn(config, report)`; `report(epoch, val_accuracy)` records an intermediate value and raises
@@ -305,7 +326,11 @@ def tune(
             complete trials and the first reported epoch); False never prunes.
         catch: exceptions that fail one trial and let the study go on (e.g. a diverging learning rate).
         on_trial_end: called with each finished trial's record (number, params, value, state,
-            intermediate values), e.g. to log it to MLflow.
+            intermediate values), e.g. to log it to MLflow; with workers, by this process once they finish.
+        workers: processes (forked) that optimise the same study at once, `n_trials` shared out; needs a
+            storage made for it (journal:///file or postgresql://...; SQLite locks: optuna#820). Each worker's
+            sampler is seeded (seed + worker), but which trial gets which suggestion depends on timing: a
+            parallel study is not reproducible trial for trial, a sequential one is.
 
     Returns:
         `{"best_value", "best_params", "trials": [{"number", "params", "value", "state"}, ...]}`.
@@ -318,8 +343,14 @@ def tune(
 
     if n_trials < 1:
         raise ValueError(f"n_trials must be >= 1 (got {n_trials})")
+    if workers > 1 and not storage_url.startswith(PARALLEL_STORAGES):
+        raise TuningError(
+            f"{workers} workers need a storage for parallel optimisation, not {storage_url}: tune.storage "
+            "journal:///optuna.journal (one machine) or postgresql://user@host/db (several)"
+        )
+    storage = open_storage(storage_url)
     try:
-        optuna.delete_study(study_name=study_name, storage=storage_url)
+        optuna.delete_study(study_name=study_name, storage=storage)
         log.info("deleted the earlier study '%s' in %s: this run starts clean", study_name, storage_url)
     except KeyError:
         pass
@@ -330,7 +361,7 @@ def tune(
         direction="maximize",
         sampler=sampler,
         pruner=optuna.pruners.MedianPruner(n_warmup_steps=1) if pruner else optuna.pruners.NopPruner(),
-        storage=storage_url,
+        storage=storage,
         study_name=study_name,
         load_if_exists=False,
     )
@@ -349,7 +380,13 @@ def tune(
         if on_trial_end is not None:
             on_trial_end({**_trial_record(t), "intermediate_values": dict(t.intermediate_values)})
 
-    study.optimize(objective, n_trials=n_trials, n_jobs=1, catch=catch, callbacks=[callback], gc_after_trial=False)
+    if workers <= 1:
+        study.optimize(objective, n_trials=n_trials, n_jobs=1, catch=catch, callbacks=[callback], gc_after_trial=False)
+    else:
+        _optimize_in_workers(objective, study_name, storage_url, seed, n_trials, workers, catch, pruner)
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+        for t in sorted(study.trials, key=lambda t: t.number):
+            callback(study, t)
     trials = [_trial_record(t) for t in study.trials]
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
@@ -360,3 +397,43 @@ def tune(
         )
     best = study.best_trial
     return {"best_value": best.value, "best_params": dict(best.params), "trials": trials}
+
+
+def _optimize_in_workers(
+    objective: Callable,
+    study_name: str,
+    storage_url: str,
+    seed: int,
+    n_trials: int,
+    workers: int,
+    catch: tuple[type[Exception], ...],
+    pruner: bool,
+) -> None:
+    """Fork `workers` processes, each optimising the shared study for its share of `n_trials`.
+
+    Raises:
+        TuningError: a worker exited with an error (its trials are in the storage; the others ran on).
+    """
+    import multiprocessing
+
+    import optuna
+
+    def work(index: int, share: int) -> None:
+        study = optuna.load_study(
+            study_name=study_name,
+            storage=open_storage(storage_url),  # a fresh connection per process
+            sampler=optuna.samplers.TPESampler(seed=seed + index, n_startup_trials=max(1, min(10, n_trials // 2))),
+            pruner=optuna.pruners.MedianPruner(n_warmup_steps=1) if pruner else optuna.pruners.NopPruner(),
+        )
+        study.optimize(objective, n_trials=share, n_jobs=1, catch=catch, gc_after_trial=False)
+
+    shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=work, args=(i, s), name=f"tune-worker-{i}") for i, s in enumerate(shares) if s]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [p.name for p in procs if p.exitcode != 0]
+    if failed:
+        raise TuningError(f"worker(s) {failed} of study '{study_name}' failed: see their errors above")
