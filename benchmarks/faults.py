@@ -2,15 +2,16 @@
 of tests/tiny_repo.py. Prints (and with --out writes) the table of docs/faults.md.
 
 For every target stage X, seeded:
-1. `dvc repro --force --single-item X` is started in its own process group; once DVC says "Running stage 'X'",
-   the whole group (DVC and the stage's python) gets SIGKILL after a seeded random delay of 0-`--max-delay` s.
-2. What the kill left: X's outputs (DVC removes them before running a stage), X's MLflow run (RUNNING:
-   nothing in a SIGKILLed process can end it), the DVC cache (`dvc status --cloud`-free check: `dvc checkout`).
-3. Recovery, alternately: (a) `dvc checkout`, the previous results back from DVC's cache, or (b) `dvc repro`,
-   which reruns X (and what depends on a changed output: nothing, X being deterministic).
-4. Every file under metrics/, predictions/, models/ and data/ is compared with an uninterrupted run's (sha256),
-   and MLflow must hold no RUNNING run (the next stage to start marks the killed one KILLED; after a
-   checkout, which starts no stage, `transferlab.tracking.mark_orphaned_runs` is what does it).
+1. `dvc repro --force --single-item X` is started in its own process group; once X's MLflow run exists (the
+   stage is past its imports and params checks, inside its work), the whole group (DVC and the stage's python)
+   gets SIGKILL after a seeded random delay of 0-`--max-delay` s.
+2. What the kill left: X's outputs (DVC removes them before running a stage) and X's MLflow run (RUNNING:
+   nothing in a SIGKILLed process can end it).
+3. Recovery: `git checkout -- .` + `dvc checkout` (the previous results, nothing computed), then `dvc repro`
+   (what is still missing is computed again).
+4. Every file under metrics/, predictions/, models/, data/ and plots/ is compared with an uninterrupted run's
+   (sha256), and MLflow must hold no RUNNING run (the next stage to start marks the killed one KILLED; a
+   checkout starts none, so the script calls `transferlab.tracking.mark_orphaned_runs` as a stage would).
 
 Usage: python benchmarks/faults.py [--seed 0] [--max-delay 3] [--stages prepare,train@lora,...] [--out docs/faults.md]
 """
@@ -61,7 +62,9 @@ def snapshot(repo: Path) -> dict[str, str]:
 
 
 def running_runs(repo: Path) -> list[tuple[str, str]]:
-    db = sqlite3.connect(repo / "mlflow.db")
+    if not (repo / "mlflow.db").is_file():
+        return []
+    db = sqlite3.connect(repo / "mlflow.db", timeout=30)
     try:
         return db.execute("select run_uuid, name from runs where status = 'RUNNING'").fetchall()
     finally:
@@ -87,11 +90,15 @@ def kill_inside(repo: Path, stage: str, delay: float) -> dict:
     started = None
     for line in proc.stdout:
         if f"Running stage '{stage}'" in line:
-            started = time.perf_counter()
             break
+    # Inside the stage's work: once its MLflow run exists (imports and params validation are behind it).
+    while proc.poll() is None and started is None:
+        if any(name == stage for _, name in running_runs(repo)):
+            started = time.perf_counter()
+        time.sleep(0.05)
     if started is None:
         proc.wait()
-        return {"killed": False, "note": "the stage never started"}
+        return {"killed": False, "note": "the stage finished before it could be killed"}
     while time.perf_counter() - started < delay and proc.poll() is None:
         time.sleep(0.05)
     finished = proc.poll() is not None
@@ -117,26 +124,33 @@ def main() -> None:
         sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
         print(f"uninterrupted dvc repro: {time.perf_counter() - t0:.0f} s", flush=True)
         reference = snapshot(repo)
+        # As in the project: the metrics files (cache: false) are committed to git, the rest is in DVC's cache.
+        sh("git", "add", "-A", cwd=repo)
+        sh("git", "-c", "user.name=faults", "-c", "user.email=faults@localhost", "commit", "-qm", "reference", cwd=repo)
         rows = []
-        for i, stage in enumerate(s for s in args.stages.split(",") if s):
+        for stage in (s for s in args.stages.split(",") if s):
             delay = round(rng.uniform(0, args.max_delay), 2)
             kill = kill_inside(repo, stage, delay)
             left = running_runs(repo)
             missing = sorted(set(reference) - set(snapshot(repo)))
-            how = "dvc checkout" if i % 2 == 0 else "dvc repro"
-            if how == "dvc checkout":
-                sh(sys.executable, "-m", "dvc", "checkout", cwd=repo)
-                os.chdir(repo)
-                import mlflow
+            # Getting the previous results back, without computing anything: git (metrics files) + DVC's cache.
+            sh("git", "checkout", "--", ".", cwd=repo)
+            sh(sys.executable, "-m", "dvc", "checkout", cwd=repo, check=False)
+            restored = snapshot(repo)
+            not_restored = sorted(k for k in reference if restored.get(k) != reference[k])
+            status_after_checkout = sh(sys.executable, "-m", "dvc", "status", cwd=repo).strip()
+            # A stage that starts marks the killed run; a checkout starts none, so do what the next stage does.
+            os.chdir(repo)
+            import mlflow
 
-                from transferlab.tracking import mark_orphaned_runs
+            from transferlab.tracking import mark_orphaned_runs
 
-                mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
-                exp = mlflow.get_experiment_by_name(TrackingParams().experiment)
-                mark_orphaned_runs(exp.experiment_id, stage="faults.py after dvc checkout")
-                os.chdir(ROOT)
-            else:
-                sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
+            mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
+            exp = mlflow.get_experiment_by_name(TrackingParams().experiment)
+            marked = mark_orphaned_runs(exp.experiment_id, stage="faults.py")
+            os.chdir(ROOT)
+            # And the rerun: dvc repro computes whatever is still missing.
+            sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
             after = snapshot(repo)
             changed = sorted(k for k in reference if after.get(k) != reference[k])
             status = sh(sys.executable, "-m", "dvc", "status", cwd=repo).strip()
@@ -146,25 +160,29 @@ def main() -> None:
                 "killed": kill["killed"],
                 "outputs_missing_after_kill": len(missing),
                 "runs_running_after_kill": len(left),
-                "recovery": how,
-                "files_differing_from_uninterrupted": len(changed),
+                "not_restored_by_checkout": len(not_restored),
+                "clean_after_checkout": "up to date" in status_after_checkout.lower(),
+                "files_differing_after_rerun": len(changed),
                 "runs_still_running": len(running_runs(repo)),
                 "killed_runs_now": ",".join(statuses(repo, [r for r, _ in left])) or "-",
+                "marked": len(marked),
                 "dvc_status_clean": "up to date" in status.lower(),
             }
             print(row, flush=True)
             rows.append(row)
     lines = [
-        "| stage killed | after (s) | outputs gone after the kill | MLflow runs RUNNING after the kill | recovery "
-        "| files differing from an uninterrupted run | RUNNING runs left | the killed run is now | dvc status clean |",
-        "|---|---:|---:|---:|---|---:|---:|---|---|",
+        "| stage killed | killed after (s, inside its MLflow run) | outputs gone after the kill | MLflow runs "
+        "RUNNING after the kill | files not back after `git checkout` + `dvc checkout` | `dvc status` clean then "
+        "| files differing from an uninterrupted run after `dvc repro` | RUNNING runs left | the killed run is now "
+        "| `dvc status` clean at the end |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['stage']} | {r['killed_after_s'] if r['killed'] else 'finished first'} | "
-            f"{r['outputs_missing_after_kill']} | {r['runs_running_after_kill']} | {r['recovery']} | "
-            f"{r['files_differing_from_uninterrupted']} | {r['runs_still_running']} | {r['killed_runs_now']} | "
-            f"{'yes' if r['dvc_status_clean'] else 'no'} |"
+            f"{r['outputs_missing_after_kill']} | {r['runs_running_after_kill']} | {r['not_restored_by_checkout']} | "
+            f"{'yes' if r['clean_after_checkout'] else 'no'} | {r['files_differing_after_rerun']} | "
+            f"{r['runs_still_running']} | {r['killed_runs_now']} | {'yes' if r['dvc_status_clean'] else 'no'} |"
         )
     table = "\n".join(lines)
     print(table)
