@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_repo: the end-to-end test's tiny project
 
 
 def require_cuda() -> None:
@@ -37,73 +35,19 @@ def require_cuda() -> None:
 
 
 def _sh(cmd: list[str], cwd: Path) -> None:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "TRANSFERLAB_LOG": "WARNING"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    from tiny_repo import sh
+
+    try:
+        sh(*cmd, cwd=cwd)
+    except AssertionError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def tiny_repo(repo: Path) -> None:
-    """The copy and tiny params of tests/test_pipeline_e2e.py, with `train.device: cuda`."""
-    import numpy as np
-    import timm
-    import torch
-    import yaml
-    from PIL import Image
+    """The tiny project of tests/tiny_repo.py (the end-to-end test's), with `train.device: cuda`."""
+    from tiny_repo import build
 
-    for item in ("dvc.yaml", "stages", "transferlab", ".dvcignore", ".gitignore"):
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy(src, repo / item)
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(["circle", "square", "stripe"]):
-        (repo / "images" / name).mkdir(parents=True)
-        for i in range(14):
-            img = rng.integers(0, 50, (24, 24, 3), dtype=np.uint8)
-            img[c * 8 : c * 8 + 8] = 230
-            Image.fromarray(img).save(repo / "images" / name / f"{i}.png")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(
-        dataset="imagefolder", path="images", image_size=32, train_per_class=6, val_per_class=3, test_per_class=5
-    )
-    params["train"].update(
-        epochs=2,
-        patience=1,
-        batch_size=8,
-        source="auto",
-        seeds=[0, 1],
-        lr_grid=[1.0, 3.0],
-        lr_search_epochs=1,
-        device="cuda",
-    )
-    params["strategies"] = {
-        "scratch": {"lr": 0.003},
-        "linear_probe": {"epochs": 3},
-        "finetune_top": {"k": 1},
-        "lora": {"rank": 2},
-    }
-    torch.manual_seed(0)
-    torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), repo / "test_resnet.pth")
-    params["sources"] = {
-        "efficientnet_lite0": {"kind": "packaged"},
-        "local_resnet": {"kind": "timm", "arch": "test_resnet", "path": "test_resnet.pth"},
-        "random_init": {"kind": "random_init", "arch": "test_efficientnet"},
-    }
-    params["pretrain"] = {}
-    params["score"]["latency_repeats"] = 2
-    params["agreement"].update(finetune_epochs=1, n_bootstrap=100)
-    params["compare"]["n_bootstrap"] = 200
-    params["diagnose"].update(
-        forgetting_source=None, probe_images=24, mmd_permutations=50, remedy_epochs=1, n_bootstrap=200
-    )
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _sh(["git", "init", "-q"], repo)
-    _sh([sys.executable, "-m", "dvc", "init", "-q"], repo)
-    _sh([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], repo)
+    build(repo, train_device="cuda")
 
 
 def run_pipeline() -> list[tuple[str, str, str]]:

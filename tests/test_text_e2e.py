@@ -5,12 +5,12 @@ config, in a temporary git repository. The same stages as images: real tweets (e
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from tiny_repo import copy_project, init_repo
 from tiny_repo import sh as _sh
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,13 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("text_e2e")
-    for item in ("dvc.yaml", "stages", "transferlab", ".dvcignore", ".gitignore"):
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, repo / item)
+    repo = copy_project(tmp_path_factory.mktemp("text_e2e"))
     params = yaml.safe_load((ROOT / "profiles/text.yaml").read_text())
     params["data"].update(train_per_class=8, val_per_class=5, test_per_class=10, unlabeled_texts=64, max_length=32)
     params["pretrain"]["minilm_dapt"].update(batch_size=16)
@@ -43,9 +37,7 @@ def repo(tmp_path_factory) -> Path:
     # Force the remedies to run: every shift and any change of similarity is flagged at these thresholds.
     params["diagnose"].update(pad_threshold=0.0, similarity_threshold=1.0)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _sh("git", "init", "-q", cwd=repo)
-    _sh(sys.executable, "-m", "dvc", "init", "-q", cwd=repo)
-    _sh(sys.executable, "-m", "dvc", "config", "core.analytics", "false", cwd=repo)
+    init_repo(repo)
     _sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
     return repo
 

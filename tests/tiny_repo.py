@@ -29,11 +29,8 @@ def sh(*cmd: str, cwd: Path, check: bool = True) -> str:
     return proc.stdout
 
 
-def build(repo: Path) -> Path:
-    """Lay out the tiny project in `repo` (git init, dvc init); nothing is run yet."""
-    import timm
-    import torch
-
+def copy_project(repo: Path) -> Path:
+    """The pipeline's files (dvc.yaml, stages, the library, ignore files) copied into `repo`."""
     repo.mkdir(parents=True, exist_ok=True)
     for item in ("dvc.yaml", "stages", "transferlab", ".dvcignore", ".gitignore"):
         src = ROOT / item
@@ -41,6 +38,23 @@ def build(repo: Path) -> Path:
             shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, repo / item)
+    return repo
+
+
+def init_repo(repo: Path) -> None:
+    """git init + dvc init (no analytics) in `repo`."""
+    sh("git", "init", "-q", cwd=repo)
+    sh(sys.executable, "-m", "dvc", "init", "-q", cwd=repo)
+    sh(sys.executable, "-m", "dvc", "config", "core.analytics", "false", cwd=repo)
+
+
+def build(repo: Path, train_device: str | None = None) -> Path:
+    """Lay out the tiny project in `repo` (git init, dvc init); nothing is run yet. `train_device` overrides
+    `train.device` (benchmarks/gpu_check.py: cuda)."""
+    import timm
+    import torch
+
+    copy_project(repo)
     rng = np.random.default_rng(0)
     for c, name in enumerate(["circle", "square", "stripe"]):
         (repo / "images" / name).mkdir(parents=True)
@@ -55,6 +69,8 @@ def build(repo: Path) -> Path:
     params["train"].update(
         epochs=2, patience=1, batch_size=8, source="auto", seeds=[0, 1], lr_grid=[1.0, 3.0], lr_search_epochs=1
     )
+    if train_device:
+        params["train"]["device"] = train_device
     params["strategies"] = {
         "scratch": {"lr": 0.003},
         "linear_probe": {"epochs": 3},
@@ -76,7 +92,5 @@ def build(repo: Path) -> Path:
         forgetting_source=None, probe_images=24, mmd_permutations=50, remedy_epochs=1, n_bootstrap=200
     )
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh("git", "init", "-q", cwd=repo)
-    sh(sys.executable, "-m", "dvc", "init", "-q", cwd=repo)
-    sh(sys.executable, "-m", "dvc", "config", "core.analytics", "false", cwd=repo)
+    init_repo(repo)
     return repo
