@@ -55,8 +55,8 @@ textdata:
 	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	$$SUDO apt-get install -y -q fortunes || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q fortunes; }
 
-# The text case study, offline: copies profiles/text.yaml over params.yaml (`git checkout params.yaml` and
-# `dvc checkout` return to the image default) and runs the same stages.
+# The text case study, offline: copies profiles/text.yaml over params.yaml and runs the same stages
+# (`git checkout -- params.yaml dvc.lock metrics plots && dvc checkout` returns to the image default).
 repro-text: setup textdata
 	cp profiles/text.yaml params.yaml
 	$(VENV)/bin/dvc repro
