@@ -144,3 +144,25 @@ def test_sigterm_ends_the_run_as_killed(tmp_path):
     assert code != 0
     mlflow.set_tracking_uri(uri)
     assert mlflow.get_run(run_id).info.status == "KILLED"
+
+
+def test_queued_experiments_track_into_the_projects_database(tmp_path, monkeypatch):
+    """`dvc queue start` runs each experiment in <project>/.dvc/tmp/exps/tmpXXXX, deleted afterwards: the
+    relative `sqlite:///mlflow.db` and the artifact folder must resolve to the project, not to that copy."""
+    import mlflow
+
+    from transferlab.tracking import project_root, resolve_uri
+
+    workspace = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    workspace.mkdir(parents=True)
+    monkeypatch.chdir(workspace)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert project_root() == (tmp_path / "proj").resolve()
+    assert resolve_uri("sqlite:///mlflow.db") == f"sqlite:///{(tmp_path / 'proj').resolve()}/mlflow.db"
+    assert resolve_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"  # absolute paths stay
+    assert resolve_uri("http://host:5000") == "http://host:5000"
+    with stage_run(TrackingParams(uri="sqlite:///mlflow.db", experiment="q"), "train@lora", {}) as run:
+        pass
+    assert (tmp_path / "proj" / "mlflow.db").is_file() and not (workspace / "mlflow.db").exists()
+    exp = mlflow.get_experiment(run.info.experiment_id)
+    assert exp.artifact_location == (tmp_path / "proj" / "mlartifacts").resolve().as_uri()

@@ -36,9 +36,28 @@ class TrackingError(RuntimeError):
     """The tracking server cannot be used; the message names the URI and the fix."""
 
 
+def project_root(cwd: str | Path | None = None) -> Path:
+    """The project's folder, also from inside a DVC experiment's temporary workspace.
+
+    `dvc exp run --queue` / `dvc queue start` run each experiment in `<project>/.dvc/tmp/exps/tmpXXXX/`, a
+    copy deleted afterwards: a tracking database or artifact folder there would vanish with it.
+    """
+    path = Path(cwd or os.getcwd()).resolve()
+    parts = path.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return path
+
+
 def resolve_uri(configured: str) -> str:
-    """MLFLOW_TRACKING_URI wins over params (`tracking.uri`), as MLflow users expect."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or configured
+    """MLFLOW_TRACKING_URI wins over params (`tracking.uri`), as MLflow users expect. A relative SQLite path
+    is made absolute under the project's folder (`project_root`), so that queued experiments running in DVC's
+    temporary workspaces write to the project's database, not to a copy that is deleted."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{project_root() / uri.removeprefix('sqlite:///')}"
+    return uri
 
 
 def check_reachable(uri: str, timeout_s: float) -> None:
@@ -135,7 +154,7 @@ def stage_run(
     if exp is None:
         location = None
         if not uri.startswith(("http://", "https://", "databricks")):
-            location = Path("mlartifacts").resolve().as_uri()  # beside the database, not in ./mlruns
+            location = (project_root() / "mlartifacts").as_uri()  # beside the database, not in ./mlruns
         exp_id = mlflow.create_experiment(tracking.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
     else:
         exp_id = exp.experiment_id
