@@ -166,3 +166,46 @@ def test_queued_experiments_track_into_the_projects_database(tmp_path, monkeypat
     assert (tmp_path / "proj" / "mlflow.db").is_file() and not (workspace / "mlflow.db").exists()
     exp = mlflow.get_experiment(run.info.experiment_id)
     assert exp.artifact_location == (tmp_path / "proj" / "mlartifacts").resolve().as_uri()
+
+
+_RACER = """
+import os, sys, time
+from pathlib import Path
+from transferlab.params import TrackingParams
+from transferlab.tracking import stage_run
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.005)
+with stage_run(TrackingParams(uri=sys.argv[1], experiment="race"), "stage" + sys.argv[3], {}):
+    pass
+"""
+
+
+def test_stages_starting_at_once_on_a_new_database_all_succeed(tmp_path):
+    """dvc queue start -j 2: two stages set up a new SQLite database at the same moment. Unserialised, MLflow's
+    schema migrations collided ("duplicate column name: step") and a stage failed."""
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    uri, go = f"sqlite:///{tmp_path}/m.db", tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, uri, str(go), str(i)],
+            cwd=tmp_path,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    import time
+
+    time.sleep(4)  # every child imported and waiting
+    go.write_text("")
+    errors = [p.communicate()[1][-500:] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+    db = sqlite3.connect(tmp_path / "m.db")
+    assert db.execute("select count(*) from runs where status = 'FINISHED'").fetchone()[0] == 4
+    assert db.execute("select count(*) from experiments where name = 'race'").fetchone()[0] == 1

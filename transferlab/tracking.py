@@ -150,20 +150,21 @@ def stage_run(
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(tracking.experiment)
-    if exp is None:
-        location = None
-        if not uri.startswith(("http://", "https://", "databricks")):
-            location = (project_root() / "mlartifacts").as_uri()  # beside the database, not in ./mlruns
-        exp_id = mlflow.create_experiment(tracking.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
-    else:
-        exp_id = exp.experiment_id
-        if any(exp.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):
-            from mlflow.tracking import MlflowClient
+    with _sqlite_setup_lock(uri):
+        exp = mlflow.get_experiment_by_name(tracking.experiment)
+        if exp is None:
+            location = None
+            if not uri.startswith(("http://", "https://", "databricks")):
+                location = (project_root() / "mlartifacts").as_uri()  # beside the database, not in ./mlruns
+            exp_id = mlflow.create_experiment(tracking.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
+        else:
+            exp_id = exp.experiment_id
+            if any(exp.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):
+                from mlflow.tracking import MlflowClient
 
-            for k, v in EXPERIMENT_TAGS.items():
-                MlflowClient().set_experiment_tag(exp_id, k, v)
-    mark_orphaned_runs(exp_id, stage=stage)
+                for k, v in EXPERIMENT_TAGS.items():
+                    MlflowClient().set_experiment_tag(exp_id, k, v)
+        mark_orphaned_runs(exp_id, stage=stage)
     import socket
 
     all_tags = {
@@ -253,6 +254,29 @@ def _sigterm_ends_run() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _sqlite_setup_lock(uri: str) -> Iterator[None]:
+    """One process at a time sets up a SQLite tracking database (MLflow's schema migrations, the experiment).
+
+    Two stages starting at once on a new database (`dvc queue start -j 2`) both ran the migrations and one
+    failed ("duplicate column name: step"); an exclusive lock on `<db>.lock` around the set-up serialises
+    them. Runs and metrics written later are short transactions that SQLite's busy timeout absorbs.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _current_uri() -> str:
