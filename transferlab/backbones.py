@@ -362,12 +362,13 @@ def extract(
     with_logits: bool = True,
     *,
     device: torch.device | str | None = None,
-    _sorted: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Penultimate features (and the classifier's logits) of a model over uint8 images, in eval mode.
+    """Penultimate features (and the classifier's logits) of a model over uint8 images (or token ids), in
+    eval mode.
 
     The model is moved to `device` (default: the CPU) and left there; batches are built on the CPU and
-    moved; on CUDA the pass runs under autocast (`transferlab.device`). The arrays are float32.
+    moved; on CUDA the pass runs under autocast (`transferlab.device`). The arrays are float32. Texts are
+    batched by length (little padding); the rows come back in the caller's order.
     """
     import torch
 
@@ -375,24 +376,21 @@ def extract(
 
     device = as_device(device)
     model.to(device).eval()
-    if (
-        images.ndim == 2 and not _sorted
-    ):  # token ids: batches of similar lengths, results put back in the caller's order
+    order = np.arange(len(images))
+    if images.ndim == 2:  # token ids
         from transferlab.text import length_order
 
         order = length_order(images)
-        f, lg = extract(model, images[order], mean, std, batch_size, with_logits, device=device, _sorted=True)
-        back = np.argsort(order)
-        return f[back], (lg[back] if lg is not None else None)
     feats, logits = [], []
     with torch.no_grad(), autocast_context(device):
         for i in range(0, len(images), batch_size):
-            x = to_input(images[i : i + batch_size], mean, std).to(device, non_blocking=True)
+            x = to_input(images[order[i : i + batch_size]], mean, std).to(device, non_blocking=True)
             f = model.forward_head(model.forward_features(x), pre_logits=True)
             feats.append(f.float().cpu().numpy())
             if with_logits:
                 logits.append(model.get_classifier()(f).float().cpu().numpy())
-    return np.concatenate(feats), (np.concatenate(logits) if with_logits else None)
+    back = np.argsort(order)
+    return np.concatenate(feats)[back], (np.concatenate(logits)[back] if with_logits else None)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

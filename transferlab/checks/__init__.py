@@ -187,6 +187,37 @@ class DiagnosisContext:
             "channels_last": tp.channels_last,
         }
 
+    def finetune_like(self, kind: str, lr: float, *, source: str | None = None, epochs: int | None = None):
+        """Train `kind` (`finetune_full`, or `l2sp` at `diagnose.l2sp_alpha`) with `strategies.finetune_full`'s
+        settings at `lr`, from `source` (default: the selected one), with the pipeline's recipe on the first
+        training seed; `epochs` fixes a short budget (patience = epochs) instead. Returns the `TrainResult`."""
+        from transferlab.seeding import seed_everything
+        from transferlab.strategies import get_strategy, strategy_config
+        from transferlab.training import train_strategy
+
+        raw = dict(self.params.strategies.get("finetune_full") or {})
+        raw.pop("kind", None)
+        extra = {"alpha": self.params.diagnose.l2sp_alpha} if kind == "l2sp" else {}
+        keep = {k: v for k, v in raw.items() if k in ("backbone_lr_mult", "epochs")}
+        cfg = strategy_config(kind, {**keep, "kind": kind, "lr": lr, **extra})
+        recipe = self.recipe(kind, cfg)
+        if epochs is not None:
+            recipe.update(epochs=epochs, patience=epochs)
+        gen = seed_everything(self.train_seed, self.params.train.num_threads)
+        return train_strategy(
+            get_strategy(kind),
+            cfg,
+            self.load_source(source),
+            self.data.images,
+            self.data.labels,
+            self.data.num_classes,
+            seed=self.train_seed,
+            generator=gen,
+            label=f"diagnose {kind}@{lr:g}",
+            device=self.device,
+            **recipe,
+        )
+
 
 def run_checks(ctx: DiagnosisContext, names: list[str] | None = None) -> tuple[list[dict], dict]:
     """Run checks in `order`: measure, then the remedy of every flagged finding.

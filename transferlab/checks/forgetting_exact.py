@@ -18,9 +18,8 @@ import torch
 
 from transferlab import diagnosis as dx
 from transferlab.checks import Check, DiagnosisContext, register_check
-from transferlab.seeding import seed_everything
-from transferlab.strategies import get_strategy, strategy_config
-from transferlab.training import predict_images, train_strategy
+from transferlab.strategies import strategy_config
+from transferlab.training import predict_images
 
 
 def restore_bn_buffers(tuned: torch.nn.Module, source: torch.nn.Module) -> torch.nn.Module:
@@ -47,33 +46,6 @@ class ForgettingExact(Check):
         pdir = ctx.pretrained_dir / fs
         return np.load(pdir / "source_test_images.npy"), np.load(pdir / "source_test_labels.npy")
 
-    def _train(self, ctx: DiagnosisContext, kind: str, lr: float, epochs: int | None = None):
-        """Fine-tune the in-pipeline source on the target with finetune_full's settings at `lr`."""
-        fs = ctx.params.diagnose.forgetting_source
-        raw = dict(ctx.params.strategies.get("finetune_full") or {})
-        raw.pop("kind", None)
-        extra = {"alpha": ctx.params.diagnose.l2sp_alpha} if kind == "l2sp" else {}
-        keep = {k: v for k, v in raw.items() if k in ("backbone_lr_mult", "epochs")}
-        cfg = strategy_config(kind, {**keep, "kind": kind, "lr": lr, **extra})
-        recipe = ctx.recipe(kind, cfg)
-        if epochs is not None:
-            recipe.update(epochs=epochs, patience=epochs)
-        seed = ctx.train_seed
-        gen = seed_everything(seed, ctx.params.train.num_threads)
-        return train_strategy(
-            get_strategy(kind),
-            cfg,
-            ctx.load_source(fs),
-            ctx.data.images,
-            ctx.data.labels,
-            ctx.data.num_classes,
-            seed=seed,
-            generator=gen,
-            label=f"diagnose {kind}@{lr:g}",
-            device=ctx.device,
-            **recipe,
-        )
-
     def _run(self, ctx: DiagnosisContext, kind: str, lr: float, epochs: int | None = None) -> dict:
         key = (kind, lr, epochs)
         runs = ctx.cache.setdefault("forgetting_runs", {})
@@ -82,7 +54,7 @@ class ForgettingExact(Check):
             base = ctx.load_source(fs)
             head = copy.deepcopy(base.model.get_classifier())
             s_images, _ = self._source_task(ctx)
-            res = self._train(ctx, kind, lr, epochs)
+            res = ctx.finetune_like(kind, lr, source=fs, epochs=epochs)
             dev = ctx.device
             # Buffers copied before any model moves: restore_bn_buffers reads the source's on the CPU.
             restored = restore_bn_buffers(res.model, base.model)

@@ -129,7 +129,7 @@ class TextDomainShift(Check):
 
         texts = {s: [str(t) for t in ctx.data.texts[s]] for s in ("train", "val", "test")}
         rows = ctx.test_rows(ctx.sample_ids)  # test predictions in the order of ctx.y
-        labels = {"train": ctx.data.labels["train"], "val": ctx.data.labels["val"], "test": ctx.data.labels["test"]}
+        labels = ctx.data.labels
         raw = {s: self._cached(ctx, s) for s in texts}
         norm_texts = {s: [normalise(t) for t in texts[s]] for s in texts}
         norm = {s: self._embed(ctx, norm_texts[s]) for s in texts}
@@ -161,12 +161,14 @@ class TextDomainShift(Check):
 
     def _adapted(self, ctx: DiagnosisContext) -> dict | None:
         """The domain-adapted copy of the selected source against the source, under the agreement probe."""
+        from transferlab.pretraining import PretrainSpec
+
         adapted = [
             n
             for n, spec in ctx.params.sources.items()
             if spec.kind == "pipeline"
             and (ctx.params.pretrain.get(n) or {}).get("kind") == "dapt"
-            and (ctx.params.pretrain[n].get("base", "minilm")) in (ctx.selected, ctx.selected_spec.arch)
+            and PretrainSpec.model_validate(ctx.params.pretrain[n]).base in (ctx.selected, ctx.selected_spec.arch)
         ]
         for name in adapted:
             a, b = f"linear_probe:{ctx.selected}", f"linear_probe:{name}"

@@ -109,32 +109,12 @@ class TextForgetting(Check):
         if name != "finetune_full":
             return None
         from transferlab.io import read_json
-        from transferlab.seeding import seed_everything
-        from transferlab.strategies import get_strategy, strategy_config
-        from transferlab.training import predict_images, train_strategy
+        from transferlab.training import predict_images
 
         lr = float(read_json(ctx.train_metrics_dir / f"{name}.json")["lr"]) if ctx.train_metrics_dir else None
-        raw = dict(ctx.params.strategies[name] or {})
-        raw.pop("kind", None)
-        keep = {k: v for k, v in raw.items() if k in ("backbone_lr_mult", "epochs")}
-        cfg = strategy_config(
-            "l2sp", {**keep, "kind": "l2sp", "lr": lr or raw.get("lr", 1e-3), "alpha": ctx.params.diagnose.l2sp_alpha}
-        )
-        gen = seed_everything(ctx.train_seed, ctx.params.train.num_threads)
+        lr = lr or float(dict(ctx.params.strategies[name] or {}).get("lr", 1e-3))
+        res = ctx.finetune_like("l2sp", lr)
         src = ctx.load_source()
-        res = train_strategy(
-            get_strategy("l2sp"),
-            cfg,
-            src,
-            ctx.data.images,
-            ctx.data.labels,
-            ctx.data.num_classes,
-            seed=ctx.train_seed,
-            generator=gen,
-            label="diagnose l2sp",
-            device=ctx.device,
-            **ctx.recipe("l2sp", cfg),
-        )
         after_pred = predict_images(res.model, ctx.test_images, src.mean, src.std, device=ctx.device).argmax(1).numpy()
         kept = similarity_kept(self._source_embeddings(ctx), self._embed(ctx, res.model))
         out = dx.remedy_outcome(
@@ -143,7 +123,7 @@ class TextForgetting(Check):
             after_pred,
             ctx.n_bootstrap,
             ctx.seed,
-            f"l2sp (alpha={ctx.params.diagnose.l2sp_alpha}, AdamW variant) at finetune_full's rate {cfg.lr:g}, "
+            f"l2sp (alpha={ctx.params.diagnose.l2sp_alpha}, AdamW variant) at finetune_full's rate {lr:g}, "
             "the pipeline's recipe",
             confidence=ctx.confidence,
         )
