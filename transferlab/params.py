@@ -225,6 +225,12 @@ class TrainParams(Section):
     # 1.7-1.9x the training images/s of the default layout on this project's 2-core CPU (benchmarks/);
     # other floating-point results than the default layout, reproducible run to run.
     channels_last: bool = Field(True, description="train image strategies in channels-last memory order")
+    processes: int = Field(
+        1,
+        ge=1,
+        description="data-parallel processes per train@ stage (torch DistributedDataParallel; the stage launches "
+        "itself under torchrun: gloo on the CPU, nccl with one GPU per process); 1 trains in the stage's process",
+    )
 
     @field_validator("device")
     @classmethod
