@@ -11,7 +11,9 @@ depends on, so that an identical rerun leaves them cached.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import sys
 from pathlib import Path
 
 from stages._common import params_or_exit, parser, run_main
@@ -59,6 +61,10 @@ def main() -> None:
     name = args.strategy
     if name not in params.strategies:
         raise SystemExit(f"--strategy {name}: not a key of `strategies` (valid: {sorted(params.strategies)})")
+    from transferlab import distributed
+
+    if params.train.processes > 1 and not distributed.launched():
+        distributed.relaunch(params.train.processes, "stages.train", sys.argv[1:])
 
     import numpy as np
     import pandas as pd
@@ -89,6 +95,10 @@ def main() -> None:
 
     seed_everything(params.seed, tp.num_threads)
     device = resolve_device(tp.device)  # after seeding: CUBLAS_WORKSPACE_CONFIG is set before CUDA starts
+    # Under torchrun (train.processes > 1): join the group; every process trains, rank 0 alone records.
+    dist_ctx, device = distributed.init_from_env(device)
+    processes = dist_ctx.world_size if dist_ctx else 1
+    read["resolved"]["processes"] = processes
     data = load_prepared(args.prepared)
     source = load_source(source_name, spec, seed=params.seed, pipeline_dir=args.pretrained_dir)
     features = None
@@ -98,13 +108,9 @@ def main() -> None:
             raise SystemExit(f"{feat_dir} has no features: run `dvc repro features@{source_name}` first")
         features = {s: np.load(feat_dir / f"{s}_features.npy") for s in ("train", "val")}
     out = Path(args.out)
-    with stage_run(
-        params.tracking,
-        f"train@{name}",
-        read,
-        strategy=name,
-        tags={"source": source_name, "kind": cfg.kind, **device_tags(device)},
-    ) as run:
+    tags = {"source": source_name, "kind": cfg.kind, "processes": str(processes), **device_tags(device)}
+    recording = stage_run(params.tracking, f"train@{name}", read, strategy=name, tags=tags)
+    with recording if dist_ctx is None or dist_ctx.lead else contextlib.nullcontext() as run:
         import mlflow
 
         image_size = int(data.images["train"].shape[1])
@@ -137,6 +143,10 @@ def main() -> None:
             lr_factor=tp.lr_factor,
             min_delta=tp.min_delta,
         )
+        if dist_ctx is not None:
+            distributed.finish()
+            if not dist_ctx.lead:  # the same models as rank 0's: rank 0 writes them and the run
+                return
         meta = {
             "strategy": name,
             "kind": cfg.kind,

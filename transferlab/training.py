@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from transferlab import distributed
 from transferlab.backbones import SourceModel, count_params, to_input
 from transferlab.device import as_device, autocast_context, make_grad_scaler
 from transferlab.strategies import Strategy, StrategyConfig
@@ -219,10 +220,18 @@ def fit(
     start = time.perf_counter()
     strategy.before_training(model, cfg, train_inputs, n)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(range(1, epochs + 1), desc=f"train {label}", disable=None, leave=False)
+    # Several processes (torchrun, `train.processes`): each trains on its part of every batch through DDP.
+    dist_ctx = distributed.current()
+    net, wrapped_for = model, None
+    bar = tqdm(range(1, epochs + 1), desc=f"train {label}", disable=None if dist_ctx is None else True, leave=False)
     for epoch in bar:
         strategy.on_epoch_start(model, epoch, cfg, optimizer)
         strategy.set_train_mode(model)
+        if dist_ctx is not None:
+            now = tuple(id(p) for p in model.parameters() if p.requires_grad)
+            if now != wrapped_for:  # first epoch, or a strategy changed what trains (gradual unfreezing)
+                net = model  # the old wrapper's gradient hooks go with it
+                net, wrapped_for = distributed.wrap(model, device), now
         order = torch.randperm(n, generator=generator).numpy()
         loss_sum, correct, grad_sq_sum = 0.0, 0, 0.0
         for step in range(steps_per_epoch):
@@ -232,16 +241,31 @@ def fit(
             idx = order[step * batch_size : (step + 1) * batch_size]
             inputs = train_inputs(idx, True)
             targets = y_train[idx].to(device, non_blocking=True)
+            if dist_ctx is not None:
+                if len(idx) < dist_ctx.world_size:  # a last batch too small to split: every process skips it
+                    continue
+                mine = distributed.part(len(idx), dist_ctx)
+                inputs, targets = inputs[mine], targets[mine]
             with autocast_context(device):
-                logits = model(inputs)
+                logits = net(inputs)
                 loss = strategy.loss(logits, targets, inputs, cfg)
                 extra = strategy.penalty(model, cfg)
+                if dist_ctx is not None:
+                    # DDP averages gradients over processes: weighting each part's mean loss by its share
+                    # of the batch makes that average the gradient of the whole batch's mean loss.
+                    part_loss = loss
+                    loss = loss * (len(targets) * dist_ctx.world_size / len(idx))
                 if extra is not None:
                     loss = loss + extra
-            if not torch.isfinite(loss):
+            if dist_ctx is None:
+                value = loss
+            else:  # the whole batch's loss, the same number in every process (all stop together)
+                total = distributed.all_sum([part_loss.item() * len(targets)], device)[0] / len(idx)
+                value = torch.tensor(total + (extra.item() if extra is not None else 0.0))
+            if not torch.isfinite(value):
                 lrs = [g["lr"] for g in optimizer.param_groups]
                 raise DivergenceError(
-                    f"{label}: loss is {loss.item()} at epoch {epoch}, step {step + 1} (learning rates {lrs}). "
+                    f"{label}: loss is {value.item()} at epoch {epoch}, step {step + 1} (learning rates {lrs}). "
                     f"Lower strategies.{label}.lr (now {cfg.lr}) and run again; other strategies' results "
                     "are kept."
                 )
@@ -256,12 +280,15 @@ def fit(
                     grad_sq_sum += sq
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += loss.item() * len(idx)
+            loss_sum += value.item() * len(idx)
             correct += int((logits.argmax(1) == targets).sum())
         if warmup and epoch == 1:
             for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 g["lr"] = base
         result.images_seen += n
+        if dist_ctx is not None:
+            correct = int(distributed.all_sum([correct], device)[0])
+            distributed.sync_buffers(model)  # rank 0's BatchNorm statistics everywhere: one validation result
         val_logits = predict_logits(model, lambda i: val_inputs(i, False), len(y_val), device=device)
         val_loss = float(F.cross_entropy(val_logits, y_val))
         val_acc = float((val_logits.argmax(1) == y_val).float().mean())
