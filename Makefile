@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
 
-.PHONY: repro-full repro-text textdata browser bad-inputs-doc faults
+.PHONY: repro-full repro-text textdata browser bad-inputs-doc faults postgres tracking-server tracking-server-stop
 .PHONY: setup repro test test-fast lint format dataset clean-outputs bench bench-scaling review
 
 setup: $(STAMP)
@@ -76,7 +76,23 @@ browser:
 	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	$$SUDO apt-get install -y -q chromium || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
 
-test: setup dataset browser textdata
+# Debian's PostgreSQL: the multi-user tracking server's database and Optuna's storage for many machines
+# (docs/tracking_server.md); tests/test_tracking_server.py starts a throw-away cluster of its own.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && exit 0; \
+	echo "installing Debian's postgresql (tracking server database, Optuna storage)"; \
+	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	$$SUDO apt-get install -y -q postgresql || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q postgresql; }
+
+# PostgreSQL + an MLflow tracking server on it, state in .tracking/ (prints the URIs to use); see
+# scripts/tracking_server.sh --help for ports and folders.
+tracking-server: setup postgres
+	scripts/tracking_server.sh start
+
+tracking-server-stop:
+	scripts/tracking_server.sh stop
+
+test: setup dataset browser textdata postgres
 	$(PY) -m pytest -q
 
 test-fast: setup
