@@ -1,9 +1,12 @@
-"""Stage `tune@<strategy>` (optional): an Optuna search over one strategy's hyperparameters.
+"""Stage `tune@<strategy>` (optional): a search over one strategy's hyperparameters, on Optuna or Ray Tune.
 
 Every trial trains the strategy from a fresh copy of the selected source on the train split, for
 `tune.epochs` epochs, and scores it by its best validation accuracy: the test split is not even loaded, so
-`evaluate@` of the tuned recipe stays honest. Trials run one after the other with a seeded sampler and
-re-seeded training, so the study is reproducible; each is a nested MLflow run under the stage's run.
+`evaluate@` of the tuned recipe stays honest. With `tune.backend: optuna` and one worker, trials run one
+after the other with a seeded sampler and re-seeded training, so the study is reproducible; with
+`tune.backend: ray`, `tune.workers` trials run at once in Ray workers (a local Ray, or the cluster at
+`tune.ray_address`). Either way each trial becomes a nested MLflow run under the stage's run, logged by
+this process once the trials have ended.
 
 Writes the best values as a params fragment (`{strategies: {<name>: {...}}}`, the current entry with the
 tuned values merged in) to copy into params.yaml or pass to `dvc exp run --set-param`, and the study's
@@ -25,7 +28,7 @@ from transferlab.data import load_prepared
 from transferlab.io import write_json, write_text
 from transferlab.seeding import seed_everything
 from transferlab.strategies import STRATEGIES, get_strategy, strategy_config
-from transferlab.tuning import Report, ReportingStrategy, SearchSpace, TuningError, tune, validate_space
+from transferlab.tuning import Report, ReportingStrategy, SearchSpace, TuningError, tune, tune_ray, validate_space
 
 
 def _fragment(name: str, entry: dict[str, Any], result: dict[str, Any], n_trials: int) -> str:
@@ -49,6 +52,11 @@ def main() -> None:
     p.add_argument("--pretrained-dir", default="models/pretrain")
     p.add_argument("--out", required=True, help="tuned params fragment (YAML)")
     p.add_argument("--metrics", required=True, help="study summary (JSON)")
+    p.add_argument(
+        "--ray-results",
+        default=".ray_results",
+        help="backend ray: folder (or a URI every node reaches) for Ray's per-trial results; scratch, not a DVC out",
+    )
     args = p.parse_args()
     params = params_or_exit(args.params)
     name = args.strategy
@@ -81,11 +89,16 @@ def main() -> None:
         "tune": {**tu.model_dump(exclude={"space", "strategies"}), "space": tu.space[name]},
         f"strategies.{name}": entry,
         f"sources.{source_name}": spec.model_dump(),
-        "resolved": {"source": source_name, "epochs_per_trial": tu.epochs},
+        "resolved": {"source": source_name, "epochs_per_trial": tu.epochs, "backend": tu.backend},
     }
 
     seed_everything(params.seed, tp.num_threads)
     device = resolve_device(tp.device)
+    if tu.backend == "ray" and device.type == "cuda":
+        import torch
+
+        # A Ray trial sees only the GPU Ray gave it, as cuda:0 (CUDA_VISIBLE_DEVICES).
+        device = torch.device("cuda")
     data = load_prepared(args.prepared)
     # Train and validation only: tuning never sees the test split.
     images = {s: data.images[s] for s in ("train", "val")}
@@ -97,6 +110,10 @@ def main() -> None:
         if not (feat_dir / "train_features.npy").is_file():
             raise SystemExit(f"{feat_dir} has no features: run `dvc repro features@{source_name}` first")
         features = {s: np.load(feat_dir / f"{s}_features.npy") for s in ("train", "val")}
+    # Not `data` itself in the closure: with backend ray the objective is pickled to the workers, and
+    # `data` holds the test split, which tuning never touches.
+    num_classes = data.num_classes
+    del data
 
     def objective(config: dict[str, Any], report: Report) -> float:
         trial_cfg = strategy_config(name, config)
@@ -113,7 +130,7 @@ def main() -> None:
             copy.deepcopy(source),
             images,
             labels,
-            data.num_classes,
+            num_classes,
             epochs=config.get("epochs") if "epochs" in space.names else tu.epochs,
             batch_size=tp.batch_size,
             patience=tp.patience,
@@ -130,7 +147,7 @@ def main() -> None:
     # A separate SQLite file from MLflow's (tracking.uri): Optuna's RDB storage and MLflow both keep an
     # `alembic_version` table for their own schema migrations, and would break each other in one database.
     storage = tu.storage
-    if storage.startswith("sqlite:///"):
+    if tu.backend == "optuna" and storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
     from transferlab.device import device_tags
@@ -150,20 +167,36 @@ def main() -> None:
                 if t["value"] is not None:
                     mlflow.log_metric("val_accuracy", t["value"])
 
+        common = dict(
+            n_trials=tu.n_trials,
+            seed=params.seed,
+            study_name=f"tune@{name}",
+            base_config=entry,
+            pruner=tu.pruning,
+            catch=(DivergenceError,),  # a diverging learning rate is a bad trial, not a failed stage
+            on_trial_end=log_trial,
+            workers=tu.workers,
+        )
         try:
-            result = tune(
-                objective,
-                space,
-                n_trials=tu.n_trials,
-                seed=params.seed,
-                storage_url=storage,
-                study_name=f"tune@{name}",
-                base_config=entry,
-                pruner=tu.pruning,
-                catch=(DivergenceError,),  # a diverging learning rate is a bad trial, not a failed stage
-                on_trial_end=log_trial,
-                workers=tu.workers,
-            )
+            if tu.backend == "ray":
+                epochs_range = [h for h in space.params if h.name == "epochs"]
+                result = tune_ray(
+                    objective,
+                    space,
+                    **common,
+                    storage_path=args.ray_results,
+                    # ASHA's max_t: the longest any trial trains.
+                    epochs=max(epochs_range[0].extremes()) if epochs_range else tu.epochs,
+                    address=tu.ray_address,
+                    grace_epochs=tu.asha_grace_epochs,
+                    reduction_factor=tu.asha_reduction_factor,
+                    # Ray sets OMP_NUM_THREADS to the CPUs a trial reserves; train.num_threads 0 means 1 here.
+                    cpus_per_trial=max(1, tp.num_threads),
+                    # A GPU shared by the trials running at once (Ray shows each trial only its own GPUs).
+                    gpus_per_trial=1 / tu.workers if device.type == "cuda" else 0,
+                )
+            else:
+                result = tune(objective, space, storage_url=storage, **common)
         except TuningError as exc:
             raise SystemExit(f"tune@{name}: {exc}") from None
         states = [t["state"] for t in result["trials"]]

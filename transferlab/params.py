@@ -255,19 +255,44 @@ class TrainParams(Section):
 
 
 class TuneParams(Section):
-    """The optional `tune@<strategy>` stages: an Optuna search over one strategy's hyperparameters."""
+    """The optional `tune@<strategy>` stages: a search over one strategy's hyperparameters, on Optuna or on
+    Ray Tune (docs/tuning.md)."""
 
     strategies: list[str] = Field([], description="keys of `strategies` that get a tune@ stage (none: no tuning)")
-    n_trials: int = Field(8, ge=1, description="trials per tuned strategy, run one after the other")
+    # Optuna by default: needs nothing beyond the base install, and its sequential study is reproducible.
+    backend: Literal["optuna", "ray"] = Field(
+        "optuna",
+        description="optuna: trials in this process (or `workers` forked ones on a shared storage); ray: Ray "
+        "Tune, `workers` trials at once on a local Ray or a cluster, Optuna's TPE suggesting, ASHA pruning",
+    )
+    n_trials: int = Field(8, ge=1, description="trials per tuned strategy")
     epochs: int = Field(3, ge=1, description="training epochs per trial (a search space entry `epochs` wins)")
     # Not MLflow's database: Optuna and MLflow both keep an `alembic_version` table in their SQLite file.
-    storage: str = Field("sqlite:///optuna.db", description="Optuna storage URL (studies: tune@<strategy>)")
-    pruning: bool = Field(True, description="median pruning of trials that trail earlier ones at the same epoch")
+    storage: str = Field(
+        "sqlite:///optuna.db",
+        description="Optuna storage URL (studies: tune@<strategy>); backend optuna only: Ray's searcher keeps "
+        "its study in the driver's memory and Ray's results go to .ray_results/tune@<strategy>",
+    )
+    pruning: bool = Field(
+        True,
+        description="stop trials that trail: optuna, median pruning against earlier trials at the same epoch; "
+        "ray, ASHA (asha_grace_epochs, asha_reduction_factor); false: every trial runs to its end",
+    )
     workers: int = Field(
         1,
         ge=1,
-        description="processes optimising one study at once; > 1 needs storage journal:///file (one machine) or "
-        "postgresql://... (several): SQLite locks under parallel writers",
+        description="optuna: processes optimising one study at once, > 1 needs storage journal:///file (one "
+        "machine) or postgresql://... (several), SQLite locks under parallel writers; ray: trials at once",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="backend ray: the cluster to attach to (ray://host:10001, auto); null: the RAY_ADDRESS "
+        "environment variable if set, else a local Ray started for the stage",
+    )
+    # ASHA's defaults suit budgets of a few epochs: a first decision after one epoch, then halving.
+    asha_grace_epochs: int = Field(1, ge=1, description="backend ray: ASHA stops no trial before this epoch")
+    asha_reduction_factor: int = Field(
+        2, ge=2, description="backend ray: ASHA keeps the top 1/factor at each rung (epochs grace x factor^k)"
     )
     space: dict[str, dict[str, dict[str, Any]]] = Field(
         {},
@@ -469,7 +494,27 @@ class Params(Section):
             raise ValueError(
                 f"tune.strategies: {missing} not key(s) of `strategies` (valid: {sorted(self.strategies)})"
             )
-        if self.tune.workers > 1 and not self.tune.storage.startswith(("journal:///", "postgresql")):
+        if self.tune.backend == "ray" and self.tune.strategies:
+            import importlib.util
+
+            # What `import ray.tune` needs (its own check); looked up, not imported (ray takes seconds).
+            missing = [m for m in ("ray", "pandas", "pyarrow", "fsspec") if importlib.util.find_spec(m) is None]
+            if missing:
+                raise ValueError(
+                    f"tune.backend: 'ray' needs Ray Tune, and {missing} are not installed: pip install "
+                    "'ray[tune]' (or `make setup`, whose lock pins it), or set tune.backend: optuna"
+                )
+            epochs_tuned = any("epochs" in self.tune.space.get(n, {}) for n in self.tune.strategies)
+            if self.tune.pruning and not epochs_tuned and self.tune.asha_grace_epochs >= self.tune.epochs:
+                raise ValueError(
+                    f"tune.asha_grace_epochs: {self.tune.asha_grace_epochs} is not below tune.epochs "
+                    f"({self.tune.epochs}), so ASHA could stop no trial; lower it, or set tune.pruning: false"
+                )
+        if (
+            self.tune.backend == "optuna"
+            and self.tune.workers > 1
+            and not self.tune.storage.startswith(("journal:///", "postgresql"))
+        ):
             raise ValueError(
                 f"tune.workers: {self.tune.workers} workers need tune.storage journal:///optuna.journal (one "
                 f"machine) or postgresql://... (several), not '{self.tune.storage}' (SQLite locks: optuna#820)"
