@@ -256,6 +256,18 @@ def _params(**tune_section):
     }
 
 
+def test_a_postgresql_storage_without_a_driver_names_the_one_installed(monkeypatch):
+    """SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which the lock does not install: a params error
+    that gives the psycopg2 URL, not a ModuleNotFoundError from inside the first trial."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psycopg" else real(name, *a))
+    with pytest.raises(ParamsError, match=r"tune.storage: .*write postgresql\+psycopg2://me@db.lab/optuna"):
+        parse_params(_params(storage="postgresql://me@db.lab/optuna"))
+    assert parse_params(_params(storage="postgresql+psycopg2://me@db.lab/optuna", workers=2)).tune.workers == 2
+
+
 def test_tune_params_defaults_and_cross_checks():
     p = parse_params(_params())
     assert (p.tune.strategies, p.tune.n_trials, p.tune.epochs, p.tune.storage) == ([], 8, 3, "sqlite:///optuna.db")

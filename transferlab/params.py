@@ -282,7 +282,7 @@ class TuneParams(Section):
         1,
         ge=1,
         description="optuna: processes optimising one study at once, > 1 needs storage journal:///file (one "
-        "machine) or postgresql://... (several), SQLite locks under parallel writers; ray: trials at once",
+        "machine) or postgresql+psycopg2://... (several), SQLite locks under parallel writers; ray: trials at once",
     )
     ray_address: str | None = Field(
         None,
@@ -517,8 +517,18 @@ class Params(Section):
         ):
             raise ValueError(
                 f"tune.workers: {self.tune.workers} workers need tune.storage journal:///optuna.journal (one "
-                f"machine) or postgresql://... (several), not '{self.tune.storage}' (SQLite locks: optuna#820)"
+                f"machine) or postgresql+psycopg2://... (several), not '{self.tune.storage}' (SQLite locks: optuna#820)"
             )
+        if self.tune.storage.startswith("postgresql://"):
+            import importlib.util
+
+            # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the lock installs psycopg2 (psycopg2-binary).
+            if importlib.util.find_spec("psycopg") is None:
+                raise ValueError(
+                    f"tune.storage: '{self.tune.storage}' names no driver, and SQLAlchemy's default for it (psycopg 3) "
+                    "is not installed; write postgresql+psycopg2://"
+                    f"{self.tune.storage.removeprefix('postgresql://')} (psycopg2-binary comes with `make setup`)"
+                )
         if self.tune.storage == self.tracking.uri:
             raise ValueError(
                 f"tune.storage: '{self.tune.storage}' is MLflow's database (tracking.uri); use another file, "

@@ -296,7 +296,7 @@ PARALLEL_STORAGES = (JOURNAL, "postgresql")
 def open_storage(url: str) -> Any:
     """An Optuna storage: 'journal:///path' is a JournalStorage on a file (parallel workers on one machine,
     Optuna's advice for multi-process optimisation); any other URL goes to Optuna as it is (sqlite:///...
-    for one worker, postgresql://... for workers on several machines)."""
+    for one worker, postgresql+psycopg2://... for workers on several machines)."""
     if url.startswith(JOURNAL):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -343,7 +343,7 @@ def tune(
         on_trial_end: called with each finished trial's record (number, params, value, state,
             intermediate values), e.g. to log it to MLflow; with workers, by this process once they finish.
         workers: processes (forked) that optimise the same study at once, `n_trials` shared out; needs a
-            storage made for it (journal:///file or postgresql://...; SQLite locks: optuna#820). Each worker's
+            storage made for it (journal:///file or postgresql+psycopg2://...; SQLite locks: optuna#820). Each worker's
             sampler is seeded (seed + worker), but which trial gets which suggestion depends on timing: a
             parallel study is not reproducible trial for trial, a sequential one is.
 
@@ -361,7 +361,7 @@ def tune(
     if workers > 1 and not storage_url.startswith(PARALLEL_STORAGES):
         raise TuningError(
             f"{workers} workers need a storage for parallel optimisation, not {storage_url}: tune.storage "
-            "journal:///optuna.journal (one machine) or postgresql://user@host/db (several)"
+            "journal:///optuna.journal (one machine) or postgresql+psycopg2://user@host/db (several)"
         )
     storage = open_storage(storage_url)
     try:
