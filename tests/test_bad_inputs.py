@@ -342,6 +342,30 @@ PARAMS = [
         lambda t: _params(lambda p: p["sources"].update(minilm={"kind": "packaged"})),
         r"\['minilm'\] read \['text'\]",
     ),
+    Case(
+        "params",
+        "typo in the tuning backend (tune.backend: rya)",
+        lambda t: _params(lambda p: p["tune"].update(backend="rya")),
+        r"tune.backend.*'optuna' or 'ray'",
+    ),
+    Case(
+        "params",
+        "parallel tuning workers on SQLite",
+        lambda t: _params(lambda p: p["tune"].update(workers=2, strategies=["lora"])),
+        r"tune.workers: 2 workers need tune.storage journal:///optuna.journal",
+    ),
+    Case(
+        "params",
+        "zero training processes (train.processes: 0)",
+        lambda t: _params(lambda p: p["train"].update(processes=0)),
+        r"train.processes.*greater than or equal to 1",
+    ),
+    Case(
+        "params",
+        "a PostgreSQL URL naming no installed driver (postgresql://)",
+        lambda t: _params(lambda p: p["tune"].update(storage="postgresql://me@db/optuna")),
+        r"tune.storage: .*write postgresql\+psycopg2://me@db/optuna",
+    ),
 ]
 
 
