@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -161,3 +164,32 @@ def test_lora_adapter_is_small_and_holds_the_head(tiny_source, tiny_data, tmp_pa
 
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 2 and "classifier" in config["modules_to_save"]
+
+
+_SAVE_LORA = """
+import sys, torch
+from transferlab.backbones import load_source
+from transferlab.params import SourceSpec
+from transferlab.strategies import get_strategy, strategy_config
+torch.manual_seed(0)
+source = load_source("tiny", SourceSpec(kind="random_init", arch="test_efficientnet"), seed=0)
+strategy = get_strategy("lora")
+model = strategy.build(source, 3, strategy_config("lora", {"rank": 2}), 0)
+strategy.save(model, __import__("pathlib").Path(sys.argv[1]), {"num_classes": 3})
+"""
+
+
+def test_a_saved_lora_adapter_is_the_same_file_in_every_interpreter(tmp_path):
+    """peft writes target_modules (a set) in string-hash order, which PYTHONHASHSEED changes from one Python to
+    the next: an identical rerun then wrote another adapter_config.json, and DVC reran evaluate@lora."""
+    import subprocess
+    import sys
+
+    texts = []
+    for hash_seed in ("1", "2", "3"):
+        out = tmp_path / hash_seed
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, "-c", _SAVE_LORA, str(out)], env=env, check=True, capture_output=True)
+        texts.append((out / "adapter" / "adapter_config.json").read_text())
+    assert len(json.loads(texts[0])["target_modules"]) > 2  # an order to get wrong
+    assert texts[1] == texts[0] and texts[2] == texts[0]

@@ -10,6 +10,7 @@ update of a per-channel 3x3 filter saves nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from transferlab.backbones import SourceModel, with_new_head
-from transferlab.io import write_json
+from transferlab.io import write_json, write_text
 from transferlab.strategies.base import Strategy, StrategyConfig, register_strategy
 
 if TYPE_CHECKING:
@@ -95,6 +96,15 @@ class Lora(Strategy):
 
         # save_pretrained writes adapter_model.safetensors + adapter_config.json (with peft's version).
         model.save_pretrained(str(out_dir / "adapter"))
+        # peft keeps target_modules as a set and writes it in hash order, which changes with each
+        # interpreter (PYTHONHASHSEED): sorted, an identical rerun writes an identical file (and DVC's cache
+        # keeps the evaluate@ stage downstream).
+        config_path = out_dir / "adapter" / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        for key in ("target_modules", "modules_to_save"):
+            if isinstance(config.get(key), list):
+                config[key] = sorted(config[key])
+        write_text(config_path, json.dumps(config, indent=2, sort_keys=True))
         write_json(out_dir / "model_meta.json", {**meta, "peft_version": peft.__version__})
 
     def load(self, out_dir: Path, load_source: Callable[[], SourceModel]) -> nn.Module:
