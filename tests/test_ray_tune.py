@@ -153,9 +153,12 @@ def test_caught_errors_fail_one_trial_uncaught_ones_stop_the_study(local_ray, tm
     with pytest.raises(TuningError, match="none of 3 trials completed"):
         _run(always, X, tmp_path, n_trials=3, catch=(FloatingPointError,))
     # Not in `catch`: the study stops and the trial's own error reaches the caller, traceback included.
+    records = []
     with pytest.raises(FloatingPointError, match="diverged") as err:
-        _run(always, X, tmp_path, n_trials=3, catch=())
+        _run(always, X, tmp_path, n_trials=3, catch=(), on_trial_end=records.append)
     assert "in always" in str(err.value)
+    # What ran before the study stopped is still handed over (the stage logs it to MLflow).
+    assert records and all(t["state"] == "FAIL" and t["value"] is None for t in records)
 
 
 def test_one_worker_is_reproducible_and_suggests_what_the_optuna_backend_does(local_ray, tmp_path):

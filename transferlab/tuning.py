@@ -543,7 +543,7 @@ def _ray_record(result: Any) -> dict[str, Any]:
     config = dict(result.config or {})
     number = config.pop(_NUMBER, None)
     intermediate = {int(e): float(v) for e, v in m.get("history", [])}
-    if result.error is not None or not m or m.get("trial_error"):
+    if result.error is not None or RAY_METRIC not in m or m.get("trial_error"):
         state, value = "FAIL", None
     elif m.get("final"):
         state, value = "COMPLETE", float(m[RAY_METRIC])
@@ -717,11 +717,18 @@ def tune_ray(
     errors = sorted(
         (((r.config or {}).get(_NUMBER, -1), r.error) for r in results if r.error is not None), key=lambda e: e[0]
     )
+    records = sorted((_ray_record(r) for r in results), key=lambda t: (t["number"] is None, t["number"] or 0))
     if errors:
+        # The trials that ran are still recorded, as the optuna backend logs each trial when it ends; those the
+        # stop cancelled before they reported anything are not trials that ran.
+        ran = {(r.config or {}).get(_NUMBER) for r in results if r.error is not None or RAY_METRIC in (r.metrics or {})}
+        if on_trial_end is not None:
+            for t in records:
+                if t["number"] in ran:
+                    on_trial_end(t)
         number, error = errors[0]
         log.error("trial %s of '%s' failed with an error outside tune's catch; the study stops", number, study_name)
         raise error
-    records = sorted((_ray_record(r) for r in results), key=lambda t: (t["number"] is None, t["number"] or 0))
     numbers = [t["number"] for t in records]
     if numbers != list(range(n_trials)):
         raise TuningError(
