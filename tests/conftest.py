@@ -56,3 +56,36 @@ def tiny_features(tiny_source, tiny_data) -> dict:
         s: extract(tiny_source.model, tiny_data["images"][s], tiny_source.mean, tiny_source.std, with_logits=False)[0]
         for s in ("train", "val")
     }
+
+
+def two_worker_study(storage_url: str, calls_dir, study_name: str = "parallel", **kw) -> dict:
+    """Ten trials of a known objective optimised by two forked workers on one study in `storage_url`, with
+    the checks every parallel storage must pass: each trial of the budget ran once (none lost, none duplicated),
+    in both workers and never in this process, on the values the study recorded, and the best reported is the
+    best of all, in the storage too. Returns `tune`'s result (`kw` goes to `tune`, e.g. on_trial_end)."""
+    import math
+
+    import optuna
+
+    from transferlab.tuning import SearchSpace, open_storage, tune
+
+    space = SearchSpace.from_dict({"lr": {"low": 1e-4, "high": 1e-1, "log": True}})
+    calls_dir.mkdir()
+
+    def objective(config, report):
+        (calls_dir / f"{os.getpid()}-{config['lr']:.17g}").write_text("")
+        return -((math.log10(config["lr"]) + 2) ** 2)
+
+    common = dict(storage_url=storage_url, base_config={"kind": "lora"}, pruner=False, study_name=study_name)
+    result = tune(objective, space, n_trials=10, seed=0, workers=2, **common, **kw)
+    assert sorted(t["number"] for t in result["trials"]) == list(range(10))
+    assert [t["state"] for t in result["trials"]].count("COMPLETE") == 10
+    made = [p.name.split("-") for p in calls_dir.iterdir()]
+    pids = {int(pid) for pid, _ in made}
+    assert len(made) == 10 and len(pids) == 2 and os.getpid() not in pids  # each trial once, in both workers
+    assert sorted(float(lr) for _, lr in made) == sorted(t["params"]["lr"] for t in result["trials"])
+    assert result["best_value"] == max(t["value"] for t in result["trials"])
+    reloaded = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    assert sorted(t.number for t in reloaded.trials) == list(range(10))
+    assert reloaded.best_value == result["best_value"] and reloaded.best_params == result["best_params"]
+    return result

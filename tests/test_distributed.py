@@ -78,28 +78,19 @@ def test_full_fine_tuning_lands_within_noise_of_one_process(runs):
 
 def _project(tmp_path: Path, processes: int) -> Path:
     """A tiny project with what train@linear_probe reads: prepared splits, the features cache, the selection."""
-    from conftest import TINY_ARCH, make_images
+    from conftest import make_images
+    from tiny_repo import TINY_SPEC, write_stage_inputs
 
-    from transferlab.backbones import extract, load_source
-    from transferlab.data import save_prepared
-    from transferlab.io import write_json
+    from transferlab.backbones import load_source
     from transferlab.params import SourceSpec
 
     root = tmp_path / f"p{processes}"
-    (root / "features" / "tiny").mkdir(parents=True)
-    splits = {}
+    images, labels = {}, {}
     for i, (s, n) in enumerate((("train", 12), ("val", 6), ("test", 6))):
-        images, labels = make_images(n, 3, 32, seed=i)
-        splits[s] = {"images": images, "labels": labels, "source_index": np.arange(len(labels))}
-    save_prepared(root / "prepared", splits, ["a", "b", "c"], {})
-    spec = {"kind": "random_init", "arch": TINY_ARCH}
-    source = load_source("tiny", SourceSpec(**spec), seed=0)
-    for s in ("train", "val"):
-        feats, _ = extract(source.model, splits[s]["images"], source.mean, source.std)
-        np.save(root / "features" / "tiny" / f"{s}_features.npy", feats)
-    write_json(root / "selection.json", {"selected": "tiny", "spec": spec})
+        images[s], labels[s] = make_images(n, 3, 32, seed=i)
+    write_stage_inputs(root, images, labels, ["a", "b", "c"], load_source("tiny", SourceSpec(**TINY_SPEC), seed=0))
     params = {
-        "sources": {"tiny": spec},
+        "sources": {"tiny": TINY_SPEC},
         "strategies": {"scratch": {}, "linear_probe": {"lr": 0.05}},
         "diagnose": {"forgetting_source": None},
         "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "t"},

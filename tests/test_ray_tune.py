@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from tiny_repo import write_stage_inputs
 
 from transferlab.params import ParamsError, parse_params
 from transferlab.tuning import SearchSpace, TuningError, tune, tune_ray
@@ -262,26 +263,10 @@ def _params(**tune_section):
 
 
 def test_tune_stage_on_ray_end_to_end(local_ray, tiny_source, tiny_data, tmp_path, monkeypatch):
-    from transferlab.backbones import extract
-    from transferlab.data import save_prepared
-    from transferlab.io import write_json
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    splits = {
-        s: {
-            "images": tiny_data["images"][s],
-            "labels": tiny_data["labels"][s],
-            "source_index": np.arange(len(tiny_data["labels"][s])),
-        }
-        for s in ("train", "val", "test")
-    }
-    save_prepared("prepared", splits, tiny_data["class_names"], {})
-    for s in ("train", "val"):  # the features cache the features@ stage would write
-        feats, _ = extract(tiny_source.model, tiny_data["images"][s], tiny_source.mean, tiny_source.std)
-        (tmp_path / "features" / "tiny").mkdir(parents=True, exist_ok=True)
-        np.save(tmp_path / "features" / "tiny" / f"{s}_features.npy", feats)
-    write_json("selection.json", {"selected": "tiny", "spec": {"kind": "random_init", "arch": "test_efficientnet"}})
+    write_stage_inputs(tmp_path, tiny_data["images"], tiny_data["labels"], tiny_data["class_names"], tiny_source)
     raw = _params(
         strategies=["linear_probe"],
         backend="ray",

@@ -20,12 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 import yaml
+from conftest import two_worker_study
 from mlflow.tracking import MlflowClient
-from PIL import Image
+from tiny_repo import write_image_folder, write_stage_inputs
 
 from transferlab.tuning import SearchSpace, tune
 
@@ -134,21 +134,8 @@ def test_a_tune_stage_tracks_into_the_server_with_its_study_in_postgresql(
     """tune@linear_probe, run as dvc.yaml runs it: its MLflow run, params and trials reach the server, its
     artifact is uploaded through the server into the server's artifact folder, the runs are rows of
     PostgreSQL's `mlflow` database, and its Optuna study (two workers) lives in PostgreSQL's `optuna`."""
-    from transferlab.backbones import extract
-    from transferlab.data import save_prepared
-    from transferlab.io import write_json
-
     monkeypatch.chdir(tmp_path)
-    splits = {
-        s: {"images": tiny_data["images"][s], "labels": tiny_data["labels"][s], "source_index": np.arange(len(v))}
-        for s, v in tiny_data["labels"].items()
-    }
-    save_prepared("prepared", splits, tiny_data["class_names"], {})
-    (tmp_path / "features" / "tiny").mkdir(parents=True)
-    for s in ("train", "val"):  # the features cache the features@ stage would write
-        feats, _ = extract(tiny_source.model, tiny_data["images"][s], tiny_source.mean, tiny_source.std)
-        np.save(tmp_path / "features" / "tiny" / f"{s}_features.npy", feats)
-    write_json("selection.json", {"selected": "tiny", "spec": {"kind": "random_init", "arch": "test_efficientnet"}})
+    write_stage_inputs(tmp_path, tiny_data["images"], tiny_data["labels"], tiny_data["class_names"], tiny_source)
     params = {
         "sources": {"tiny": {"kind": "random_init", "arch": "test_efficientnet"}},
         "train": {"source": "tiny", "batch_size": 8, "augment": "none"},
@@ -212,28 +199,9 @@ def test_two_parallel_workers_share_one_study_on_postgresql(server, tmp_path):
     duplicated), both workers took part, the best trial reported is the best of all, and a second study of
     another name lives beside it untouched."""
     space = SearchSpace.from_dict({"lr": {"low": 1e-4, "high": 1e-1, "log": True}})
-    calls = tmp_path / "calls"
-    calls.mkdir()
-
-    def objective(config, report):
-        (calls / f"{os.getpid()}-{config['lr']:.17g}").write_text("")
-        return -((math.log10(config["lr"]) + 2) ** 2)
-
     common = dict(storage_url=server.optuna_url, base_config={"kind": "lora"}, pruner=False)
     other = tune(lambda c, r: c["lr"], space, n_trials=3, seed=1, study_name="other", **common)
-    result = tune(objective, space, n_trials=10, seed=0, study_name="parallel", workers=2, **common)
-
-    assert sorted(t["number"] for t in result["trials"]) == list(range(10))
-    assert [t["state"] for t in result["trials"]].count("COMPLETE") == 10
-    made = [p.name.split("-") for p in calls.iterdir()]
-    pids = {int(pid) for pid, _ in made}
-    assert len(made) == 10 and len(pids) == 2 and os.getpid() not in pids  # each trial once, in both workers
-    assert sorted(float(lr) for _, lr in made) == sorted(t["params"]["lr"] for t in result["trials"])
-    assert result["best_value"] == max(t["value"] for t in result["trials"])
-
-    reloaded = optuna.load_study(study_name="parallel", storage=server.optuna_url)
-    assert sorted(t.number for t in reloaded.trials) == list(range(10))
-    assert reloaded.best_value == result["best_value"] and reloaded.best_params == result["best_params"]
+    two_worker_study(server.optuna_url, tmp_path / "calls", study_name="parallel")
     assert {"parallel", "other"} <= set(optuna.get_all_study_names(storage=server.optuna_url))
     kept = optuna.load_study(study_name="other", storage=server.optuna_url)
     assert len(kept.trials) == 3 and kept.best_value == other["best_value"]
@@ -241,17 +209,7 @@ def test_two_parallel_workers_share_one_study_on_postgresql(server, tmp_path):
 
 def _image_project(root: Path) -> Path:
     """A project folder for `stages.prepare`: the default params on a tiny image folder (3 classes x 14)."""
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(["circle", "square", "stripe"]):
-        (root / "images" / name).mkdir(parents=True)
-        for i in range(14):
-            img = rng.integers(0, 50, (24, 24, 3), dtype=np.uint8)
-            img[c * 8 : c * 8 + 8] = 230
-            Image.fromarray(img).save(root / "images" / name / f"{i}.png")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(
-        dataset="imagefolder", path="images", image_size=32, train_per_class=6, val_per_class=3, test_per_class=5
-    )
+    params = write_image_folder(root)
     params["tracking"].update(experiment="server-restart", connect_timeout_s=5)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root

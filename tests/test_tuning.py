@@ -7,17 +7,18 @@ import json
 import math
 import sys
 
-import numpy as np
 import optuna
 import pytest
 import yaml
+from conftest import two_worker_study
+from tiny_repo import write_stage_inputs
 
 from transferlab.backbones import extract
 from transferlab.params import ParamsError, parse_params
 from transferlab.seeding import seed_everything
 from transferlab.strategies import get_strategy, strategy_config
 from transferlab.training import train_strategy
-from transferlab.tuning import ReportingStrategy, SearchSpace, TuningError, open_storage, tune, validate_space
+from transferlab.tuning import ReportingStrategy, SearchSpace, TuningError, tune, validate_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -293,25 +294,10 @@ def test_tune_params_defaults_and_cross_checks():
 
 
 def test_tune_stage_linear_probe_end_to_end(tiny_source, tiny_data, tmp_path, monkeypatch):
-    from transferlab.data import save_prepared
-    from transferlab.io import write_json
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    splits = {
-        s: {
-            "images": tiny_data["images"][s],
-            "labels": tiny_data["labels"][s],
-            "source_index": np.arange(len(tiny_data["labels"][s])),
-        }
-        for s in ("train", "val", "test")
-    }
-    save_prepared("prepared", splits, tiny_data["class_names"], {})
-    for s in ("train", "val"):  # the features cache the features@ stage would write
-        feats, _ = extract(tiny_source.model, tiny_data["images"][s], tiny_source.mean, tiny_source.std)
-        (tmp_path / "features" / "tiny").mkdir(parents=True, exist_ok=True)
-        np.save(tmp_path / "features" / "tiny" / f"{s}_features.npy", feats)
-    write_json("selection.json", {"selected": "tiny", "spec": {"kind": "random_init", "arch": "test_efficientnet"}})
+    write_stage_inputs(tmp_path, tiny_data["images"], tiny_data["labels"], tiny_data["class_names"], tiny_source)
     raw = _params(
         strategies=["linear_probe"],
         n_trials=2,
@@ -352,39 +338,10 @@ def test_tune_stage_linear_probe_end_to_end(tiny_source, tiny_data, tmp_path, mo
 def test_two_parallel_workers_share_one_study_on_a_journal_file(tmp_path):
     """Two forked workers on one JournalStorage study: every trial of the budget ran once (none lost, none
     duplicated), both workers took part, and the best trial reported is the best of all of them."""
-    import os
-
-    space = SearchSpace.from_dict({"lr": {"low": 1e-4, "high": 1e-1, "log": True}})
-    pids = tmp_path / "pids"
-    pids.mkdir()
-
-    def objective(config, report):
-        (pids / f"{os.getpid()}-{config['lr']:.12g}").write_text("")
-        return -((math.log10(config["lr"]) + 2) ** 2)
-
     logged = []
-    storage = f"journal:///{tmp_path}/optuna.journal"
-    result = tune(
-        objective,
-        space,
-        n_trials=10,
-        seed=0,
-        storage_url=storage,
-        study_name="parallel",
-        base_config={"kind": "lora"},
-        pruner=False,
-        workers=2,
-        on_trial_end=logged.append,
-    )
-    numbers = sorted(t["number"] for t in result["trials"])
-    assert numbers == list(range(10)) and [t["state"] for t in result["trials"]].count("COMPLETE") == 10
-    calls = [p.name for p in pids.iterdir()]
-    assert len(calls) == 10 and len({c.split("-")[0] for c in calls}) == 2  # both workers, each trial once
-    assert os.getpid() not in {int(c.split("-")[0]) for c in calls}  # optimised in the workers, not here
-    assert result["best_value"] == max(t["value"] for t in result["trials"])
-    assert sorted(t["number"] for t in logged) == numbers  # every trial reaches MLflow, from this process
-    reloaded = optuna.load_study(study_name="parallel", storage=open_storage(storage))
-    assert len(reloaded.trials) == 10
+    result = two_worker_study(f"journal:///{tmp_path}/optuna.journal", tmp_path / "calls", on_trial_end=logged.append)
+    # every trial reaches MLflow, from this process
+    assert sorted(t["number"] for t in logged) == sorted(t["number"] for t in result["trials"])
 
 
 def test_parallel_workers_refuse_sqlite(tmp_path):

@@ -1,7 +1,8 @@
 """A tiny image project for end-to-end runs: the real dvc.yaml, stages and library in a temporary git + DVC
 repository, three classes of 24 px synthetic images, three candidates (real packaged ImageNet weights, timm's
 hub code path reading a local file, a random control) and one-or-two-epoch budgets. Used by
-tests/test_pipeline_e2e.py and benchmarks/faults.py."""
+tests/test_pipeline_e2e.py and benchmarks/faults.py; its pieces (the image folder, the inputs of a single
+train@ / tune@ stage) by the tests that run one stage."""
 
 from __future__ import annotations
 
@@ -48,6 +49,43 @@ def init_repo(repo: Path) -> None:
     sh(sys.executable, "-m", "dvc", "config", "core.analytics", "false", cwd=repo)
 
 
+def write_image_folder(root: Path) -> dict:
+    """Three classes x 14 synthetic 24 px PNGs under `root/images/<class>/` (a bright band per class), and the
+    default params pointed at them with tiny per-class counts; returns those params."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["circle", "square", "stripe"]):
+        (root / "images" / name).mkdir(parents=True)
+        for i in range(14):
+            img = rng.integers(0, 50, (24, 24, 3), dtype=np.uint8)
+            img[c * 8 : c * 8 + 8] = 230
+            Image.fromarray(img).save(root / "images" / name / f"{i}.png")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(
+        dataset="imagefolder", path="images", image_size=32, train_per_class=6, val_per_class=3, test_per_class=5
+    )
+    return params
+
+
+TINY_SPEC = {"kind": "random_init", "arch": "test_efficientnet"}
+
+
+def write_stage_inputs(root: Path, images: dict, labels: dict, class_names: list[str], source) -> None:
+    """What `train@` / `tune@` read, as prepare, features@ and score would write it under `root`: the prepared
+    splits (`prepared/`), `source`'s features cache of train and val (`features/tiny/`), and `selection.json`
+    naming `tiny` (TINY_SPEC, the spec `source` is loaded from)."""
+    from transferlab.backbones import extract
+    from transferlab.data import save_prepared
+    from transferlab.io import write_json
+
+    splits = {s: {"images": images[s], "labels": labels[s], "source_index": np.arange(len(labels[s]))} for s in labels}
+    save_prepared(root / "prepared", splits, class_names, {})
+    (root / "features" / "tiny").mkdir(parents=True, exist_ok=True)
+    for s in ("train", "val"):
+        feats, _ = extract(source.model, images[s], source.mean, source.std)
+        np.save(root / "features" / "tiny" / f"{s}_features.npy", feats)
+    write_json(root / "selection.json", {"selected": "tiny", "spec": TINY_SPEC})
+
+
 def build(repo: Path, train_device: str | None = None) -> Path:
     """Lay out the tiny project in `repo` (git init, dvc init); nothing is run yet. `train_device` overrides
     `train.device` (benchmarks/gpu_check.py: cuda)."""
@@ -55,17 +93,7 @@ def build(repo: Path, train_device: str | None = None) -> Path:
     import torch
 
     copy_project(repo)
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(["circle", "square", "stripe"]):
-        (repo / "images" / name).mkdir(parents=True)
-        for i in range(14):
-            img = rng.integers(0, 50, (24, 24, 3), dtype=np.uint8)
-            img[c * 8 : c * 8 + 8] = 230
-            Image.fromarray(img).save(repo / "images" / name / f"{i}.png")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(
-        dataset="imagefolder", path="images", image_size=32, train_per_class=6, val_per_class=3, test_per_class=5
-    )
+    params = write_image_folder(repo)
     params["train"].update(
         epochs=2, patience=1, batch_size=8, source="auto", seeds=[0, 1], lr_grid=[1.0, 3.0], lr_search_epochs=1
     )
