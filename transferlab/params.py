@@ -510,11 +510,10 @@ class Params(Section):
                     f"tune.asha_grace_epochs: {self.tune.asha_grace_epochs} is not below tune.epochs "
                     f"({self.tune.epochs}), so ASHA could stop no trial; lower it, or set tune.pruning: false"
                 )
-        if (
-            self.tune.backend == "optuna"
-            and self.tune.workers > 1
-            and not self.tune.storage.startswith(("journal:///", "postgresql"))
-        ):
+        from transferlab.tuning import PARALLEL_STORAGES, check_tune_spaces
+
+        parallel = self.tune.storage.startswith(PARALLEL_STORAGES)
+        if self.tune.backend == "optuna" and self.tune.workers > 1 and not parallel:
             raise ValueError(
                 f"tune.workers: {self.tune.workers} workers need tune.storage journal:///optuna.journal (one "
                 f"machine) or postgresql+psycopg2://... (several), not '{self.tune.storage}' (SQLite locks: optuna#820)"
@@ -534,8 +533,6 @@ class Params(Section):
                 f"tune.storage: '{self.tune.storage}' is MLflow's database (tracking.uri); use another file, "
                 "e.g. sqlite:///optuna.db (both keep an alembic_version table)"
             )
-        from transferlab.tuning import check_tune_spaces
-
         check_tune_spaces(self.tune.strategies, self.tune.space, self.strategies)
         return self
 
