@@ -100,12 +100,12 @@ def child_stage_overhead(stage: str, db: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     importlib.import_module(f"stages.{stage}")
     t1 = time.perf_counter()
-    from transferlab.params import load_params
+    from transferlab.config import load_params
 
     params = load_params(ROOT / "params.yaml")
     t2 = time.perf_counter()
     from transferlab.params import TrackingParams
-    from transferlab.tracking import stage_run
+    from transferlab.provenance.tracking import stage_run
 
     tracking = TrackingParams(uri=f"sqlite:///{db}", experiment="bench")
     with stage_run(tracking, f"{stage}@bench", {"seed": params.seed}):
@@ -154,9 +154,9 @@ def child_train(mode: str, steps: int, n_images: int, size: int = 48, batch: int
     images = rng.integers(0, 256, (n_images, size, size, 3), dtype=np.uint8)
     labels = np.arange(n_images) % 10
     if mode in ("fit", "fit_contiguous"):
-        from transferlab.seeding import seed_everything
+        from transferlab.core.seeding import seed_everything
         from transferlab.strategies import get_strategy, strategy_config
-        from transferlab.training import fit, image_batches
+        from transferlab.training.loop import fit, image_batches
 
         gen = seed_everything(0)
         strategy = get_strategy("finetune_full")
@@ -220,12 +220,12 @@ def child_scoring(finetune_images: int) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from scoring_cost import measure, pipeline_epoch_seconds, protocol_epochs, synthetic_data
 
-    from transferlab.params import load_params
+    from transferlab.config import load_params
 
     params = load_params(ROOT / "params.yaml")
     prepared = ROOT / "data" / "prepared"
     if (prepared / "meta.json").is_file():
-        from transferlab.data import load_prepared
+        from transferlab.data.splits import load_prepared
 
         data, where = load_prepared(prepared), "data/prepared"
     else:

@@ -143,7 +143,7 @@ def main() -> None:
             os.chdir(repo)
             import mlflow
 
-            from transferlab.tracking import mark_orphaned_runs
+            from transferlab.provenance.tracking import mark_orphaned_runs
 
             mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
             exp = mlflow.get_experiment_by_name(TrackingParams().experiment)

@@ -76,7 +76,7 @@ def throughput(device_name: str, amp: bool, steps: int, size: int = 48, batch: i
     import timm
     import torch
 
-    from transferlab.device import autocast_context, make_grad_scaler
+    from transferlab.core.device import autocast_context, make_grad_scaler
 
     device = torch.device(device_name)
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def throughput(device_name: str, amp: bool, steps: int, size: int = 48, batch: i
 def run_throughput(gpu_steps: int, cpu_steps: int) -> list[tuple[str, str, str]]:
     import torch
 
-    from transferlab.device import amp_dtype
+    from transferlab.core.device import amp_dtype
 
     cuda = torch.device("cuda")
     dtype = str(amp_dtype(cuda)).removeprefix("torch.")

@@ -28,13 +28,15 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("gpu_text_check: torch sees no CUDA GPU", file=sys.stderr)
         raise SystemExit(2)
-    from transferlab.backbones import extract, load_source
-    from transferlab.data import load_dataset, prepare_splits
+    from transferlab.core.seeding import seed_everything
+    from transferlab.data.loaders import load_dataset
+    from transferlab.data.splits import prepare_splits
+    from transferlab.data.tokenize import packaged_text_path
+    from transferlab.models.inference import extract, predict_images
+    from transferlab.models.sources import load_source
     from transferlab.params import DataParams, SourceSpec
-    from transferlab.seeding import seed_everything
     from transferlab.strategies import get_strategy, strategy_config
-    from transferlab.text import packaged_text_path
-    from transferlab.training import predict_images, train_strategy
+    from transferlab.training.protocol import train_strategy
 
     params = DataParams(dataset="tweets", train_per_class=50, val_per_class=30, test_per_class=100, max_length=48)
     splits, report = prepare_splits(load_dataset(params), params, 42)

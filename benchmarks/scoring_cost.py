@@ -125,13 +125,14 @@ def measure(
     """
     import torch
 
-    from transferlab.backbones import extract, load_source
-    from transferlab.data import SPLITS
+    from transferlab.core.seeding import seed_everything
+    from transferlab.data.loaders import SPLITS
+    from transferlab.models.inference import extract
+    from transferlab.models.sources import load_source
     from transferlab.params import SourceSpec
-    from transferlab.seeding import seed_everything
+    from transferlab.scoring.estimators import score_all
     from transferlab.strategies import get_strategy, strategy_config
-    from transferlab.training import image_batches
-    from transferlab.transferability import score_all
+    from transferlab.training.loop import image_batches
 
     splits = tuple(splits or SPLITS)
     epochs = params.train.epochs if epochs is None else epochs
@@ -213,8 +214,8 @@ def main() -> None:
 
     import torch
 
-    from transferlab.data import load_prepared
-    from transferlab.params import load_params
+    from transferlab.config import load_params
+    from transferlab.data.splits import load_prepared
 
     params = load_params(args.params)
     data = synthetic_data(params) if args.synthetic else load_prepared(args.prepared)

@@ -13,7 +13,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from transferlab.params import Params, ParamsError, load_params
+from transferlab.config import load_params
+from transferlab.params import Params, ParamsError
 
 log = logging.getLogger("transferlab")
 
@@ -22,13 +23,13 @@ log = logging.getLogger("transferlab")
 # never imported cannot have been raised; importing them here would import torch into every stage.
 USER_ERRORS = (
     ("transferlab.params", "ParamsError"),
-    ("transferlab.data", "DatasetError"),
-    ("transferlab.backbones", "SourceError"),
-    ("transferlab.tracking", "TrackingError"),
-    ("transferlab.training", "DivergenceError"),
-    ("transferlab.device", "DeviceError"),
-    ("transferlab.io", "OutputError"),
-    ("transferlab.text", "TextModelError"),
+    ("transferlab.data.loaders", "DatasetError"),
+    ("transferlab.models.sources", "SourceError"),
+    ("transferlab.provenance.tracking", "TrackingError"),
+    ("transferlab.training.loop", "DivergenceError"),
+    ("transferlab.core.device", "DeviceError"),
+    ("transferlab.core.io", "OutputError"),
+    ("transferlab.data.tokenize", "TextModelError"),
 )
 
 

@@ -2,7 +2,7 @@
 transferability estimate predicted the achieved test accuracy (weighted Kendall tau, Spearman), beside
 data-free rankings (published ImageNet top-1, parameter count) that every estimator must beat.
 
-Ground truth is the `train@linear_probe` recipe and protocol (`transferlab.training.train_protocol` with
+Ground truth is the `train@linear_probe` recipe and protocol (`transferlab.training.protocol.train_protocol` with
 `strategies.linear_probe` and the `train` section: rate on validation, one run per seed of `train.seeds` to a
 plateau, `train.patience`, the same epoch cap resolution as `stages/train.py`), so there is one linear-probe
 number per candidate and seed, not three. The optional fine-tune recipe (`agreement.finetune_epochs` > 0, its
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from stages._common import params_or_exit, parser, run_main
-from transferlab.agreement import data_free_rankings, recipe_agreement
-from transferlab.io import read_json, write_json, write_text
-from transferlab.scoring import load_cache
+from transferlab.core.io import read_json, write_json, write_text
+from transferlab.scoring.agreement import data_free_rankings, recipe_agreement
+from transferlab.scoring.selection import load_cache
 
 
 def probe_config(params):
@@ -59,9 +59,10 @@ def train_candidates(params, data, names: list[str], features_root: str, pretrai
     Training and test predictions run on `device` (a torch.device; default: the CPU)."""
     import torch
 
-    from transferlab.backbones import load_source
+    from transferlab.models.inference import predict_images
+    from transferlab.models.sources import load_source
     from transferlab.strategies import get_strategy, strategy_config
-    from transferlab.training import predict_images, train_protocol
+    from transferlab.training.protocol import train_protocol
 
     tp, ap = params.train, params.agreement
     seeds = list(getattr(tp, "seeds", None) or [params.seed])
@@ -133,10 +134,10 @@ def main() -> None:
     }
     import pandas as pd
 
-    from transferlab.data import load_prepared
-    from transferlab.device import device_tags, resolve_device
-    from transferlab.plotting import agreement_png
-    from transferlab.tracking import stage_run
+    from transferlab.core.device import device_tags, resolve_device
+    from transferlab.data.splits import load_prepared
+    from transferlab.provenance.tracking import stage_run
+    from transferlab.reporting.plots import agreement_png
 
     device = resolve_device(params.train.device)
     score = read_json(args.score)

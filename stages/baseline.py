@@ -15,11 +15,11 @@ def main() -> None:
     params = params_or_exit(args.params)
 
     from stages.evaluate import predictions_frame
-    from transferlab.baselines import raw_pixel_logreg, tfidf_logreg
-    from transferlab.data import load_prepared
-    from transferlab.evaluation import classification_metrics
-    from transferlab.io import write_json, write_text
-    from transferlab.tracking import stage_run
+    from transferlab.core.io import write_json, write_text
+    from transferlab.data.splits import load_prepared
+    from transferlab.evaluation.baselines import raw_pixel_logreg, tfidf_logreg
+    from transferlab.evaluation.metrics import classification_metrics
+    from transferlab.provenance.tracking import stage_run
 
     read = {"seed": params.seed, "baseline": params.baseline.model_dump()}
     data = load_prepared(args.prepared)

@@ -32,11 +32,11 @@ def main() -> None:
 
     import pandas as pd
 
-    from transferlab import layout
-    from transferlab.comparison import compare_to_baseline
-    from transferlab.io import read_json, write_json, write_text
-    from transferlab.plotting import compute_png, gain_png
-    from transferlab.tracking import stage_run
+    from transferlab.core import layout
+    from transferlab.core.io import read_json, write_json, write_text
+    from transferlab.evaluation.comparison import compare_to_baseline
+    from transferlab.provenance.tracking import stage_run
+    from transferlab.reporting.plots import compute_png, gain_png
 
     read = {
         "seed": params.seed,
@@ -116,7 +116,7 @@ def main() -> None:
 
 def protocol_text(params) -> str:
     """The protocol behind every number of the summary, in one paragraph (the report prints it)."""
-    from transferlab.comparison import describe
+    from transferlab.evaluation.comparison import describe
 
     tp, cp = params.train, params.compare
     return (

@@ -1,7 +1,7 @@
 """Stage `diagnose`: what went wrong in the transfer, measured, each finding with a severity and a remedy;
 the remedies of flagged findings are run and verified before/after with confidence intervals.
 
-A thin loop over the check registry (`transferlab.checks`): failed training, negative transfer,
+A thin loop over the check registry (`transferlab.diagnosis.checks`): failed training, negative transfer,
 catastrophic forgetting (by proxy, and exact on the in-pipeline source), domain shift, resolution,
 learning-rate sensitivity, over-fitting. Writes `metrics/diagnosis.json` and `reports/diagnosis.md`.
 """
@@ -32,11 +32,11 @@ def main() -> None:
         raise SystemExit(f"diagnose.source_images: '{dp.source_images}' is not a folder (a folder of images, or null)")
 
     # Heavy imports only once the params are known to be good.
-    from transferlab import diagnosis as dx
-    from transferlab.checks import run_checks
-    from transferlab.device import device_tags, resolve_device
-    from transferlab.io import write_json, write_text
-    from transferlab.tracking import stage_run
+    from transferlab.core.device import device_tags, resolve_device
+    from transferlab.core.io import write_json, write_text
+    from transferlab.diagnosis import findings as dx
+    from transferlab.diagnosis.checks import run_checks
+    from transferlab.provenance.tracking import stage_run
 
     read = {
         "seed": params.seed,
@@ -65,11 +65,11 @@ def build_context(args, params):
     import numpy as np
     import pandas as pd
 
-    from transferlab import layout
-    from transferlab.checks import DiagnosisContext
-    from transferlab.checks.domain_shift import load_image_folder
-    from transferlab.data import load_prepared
-    from transferlab.io import read_json
+    from transferlab.core import layout
+    from transferlab.core.io import read_json
+    from transferlab.data.splits import load_prepared
+    from transferlab.diagnosis.checks import DiagnosisContext
+    from transferlab.diagnosis.checks.domain_shift import load_image_folder
     from transferlab.params import SourceSpec
 
     data = load_prepared(args.prepared)

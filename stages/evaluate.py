@@ -46,17 +46,17 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from transferlab import layout
-    from transferlab.backbones import load_source, to_input
-    from transferlab.data import load_prepared
-    from transferlab.device import device_info, device_tags, resolve_device
-    from transferlab.evaluation import classification_metrics, latency_ms_per_image
-    from transferlab.io import dir_size_bytes, path_sha256, write_json, write_text
-    from transferlab.plotting import confusion_png
-    from transferlab.seeding import seed_everything
+    from transferlab.core import layout
+    from transferlab.core.device import device_info, device_tags, resolve_device
+    from transferlab.core.io import dir_size_bytes, path_sha256, write_json, write_text
+    from transferlab.core.seeding import seed_everything
+    from transferlab.data.splits import load_prepared
+    from transferlab.evaluation.metrics import classification_metrics, latency_ms_per_image
+    from transferlab.models.inference import predict_images, to_input
+    from transferlab.models.sources import load_source
+    from transferlab.provenance.tracking import stage_run
+    from transferlab.reporting.plots import confusion_png
     from transferlab.strategies import get_strategy, strategy_config
-    from transferlab.tracking import stage_run
-    from transferlab.training import predict_images
 
     cfg = strategy_config(name, params.strategies.get(name))
     strategy = get_strategy(cfg.kind)

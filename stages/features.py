@@ -14,13 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages._common import params_or_exit, parser, run_main
-from transferlab.backbones import extract, load_source
-from transferlab.data import SPLITS, load_prepared
-from transferlab.device import device_info, device_tags, resolve_device
-from transferlab.io import write_json, write_npy
+from transferlab.core.device import device_info, device_tags, resolve_device
+from transferlab.core.io import write_json, write_npy
+from transferlab.core.seeding import seed_everything
+from transferlab.data.loaders import SPLITS
+from transferlab.data.splits import load_prepared
+from transferlab.models.inference import extract
+from transferlab.models.sources import load_source
 from transferlab.params import ParamsError
-from transferlab.seeding import seed_everything
-from transferlab.tracking import stage_run
+from transferlab.provenance.tracking import stage_run
 
 
 def main() -> None:
@@ -32,7 +34,7 @@ def main() -> None:
     p.add_argument("--perf", required=True, help="latency JSON (wall time: not a DVC metric)")
     args = p.parse_args()
     params = params_or_exit(args.params)
-    from transferlab.costs import cost_profile  # torch: imported once params are known to be valid
+    from transferlab.models.costs import cost_profile
 
     if args.source not in params.sources:
         raise ParamsError(f"--source {args.source}: not a key of `sources` (valid: {sorted(params.sources)})")
@@ -50,7 +52,7 @@ def main() -> None:
     if source.modality != data.modality:
         raise ParamsError(f"sources.{args.source} reads {source.modality}, but the prepared data are {data.modality}")
     if source.modality == "text":
-        from transferlab.text import load_tokenizer, vocabulary_sha256
+        from transferlab.data.tokenize import load_tokenizer, vocabulary_sha256
 
         if vocabulary_sha256(load_tokenizer(source.kwargs["tokenizer"])) != data.meta["tokenizer_vocab_sha256"]:
             raise ParamsError(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 
 from stages._common import params_or_exit, parser, run_main
-from transferlab.data import load_dataset, prepare_splits, save_prepared
-from transferlab.io import write_json
-from transferlab.tracking import stage_run
+from transferlab.core.io import write_json
+from transferlab.data.loaders import load_dataset
+from transferlab.data.splits import prepare_splits, save_prepared
+from transferlab.provenance.tracking import stage_run
 
 
 def main() -> None:

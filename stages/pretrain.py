@@ -13,11 +13,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from stages._common import params_or_exit, parser, run_main
-from transferlab.io import write_json, write_text
+from transferlab.core.io import write_json, write_text
+from transferlab.core.seeding import seed_everything
 from transferlab.params import ParamsError
-from transferlab.pretraining import PretrainSpec, pretrain, save_pretrained
-from transferlab.seeding import seed_everything
-from transferlab.tracking import run_info, stage_run
+from transferlab.provenance.tracking import run_info, stage_run
+from transferlab.training.pretraining import PretrainSpec, pretrain, save_pretrained
 
 
 def main() -> None:
@@ -45,8 +45,8 @@ def main() -> None:
             import pandas as pd
 
             if spec.kind == "dapt":
-                from transferlab.data import load_prepared
-                from transferlab.pretraining import domain_adaptive_pretrain, save_dapt
+                from transferlab.data.splits import load_prepared
+                from transferlab.training.pretraining import domain_adaptive_pretrain, save_dapt
 
                 data = load_prepared(args.prepared)
                 if data.modality != "text":

@@ -30,11 +30,11 @@ def main() -> None:
     import numpy as np
     import pandas as pd
 
-    from transferlab import layout
-    from transferlab.io import read_json, write_text
-    from transferlab.plotting import confusion_png, curves_png, gain_png
-    from transferlab.report import build_sections, to_html, to_markdown
-    from transferlab.tracking import git_info, register_champion, stage_run
+    from transferlab.core import layout
+    from transferlab.core.io import read_json, write_text
+    from transferlab.provenance.tracking import git_info, register_champion, stage_run
+    from transferlab.reporting.plots import confusion_png, curves_png, gain_png
+    from transferlab.reporting.report import build_sections, to_html, to_markdown
 
     timings = {
         f.stem: json.loads(f.read_text()).get("train_seconds_total", 0.0)

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from stages._common import params_or_exit, parser, run_main
-from transferlab.data import load_prepared
-from transferlab.io import read_json, write_json
-from transferlab.scoring import read_costs, score_candidates
-from transferlab.tracking import stage_run
+from transferlab.core.io import read_json, write_json
+from transferlab.data.splits import load_prepared
+from transferlab.provenance.tracking import stage_run
+from transferlab.scoring.selection import read_costs, score_candidates
 
 
 def main() -> None:

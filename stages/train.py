@@ -1,6 +1,6 @@
 """Stage `train@<strategy>`: train one transfer strategy (or the scratch baseline) under the shared protocol.
 
-The protocol (`transferlab.training.train_protocol`): the learning rate chosen from `train.lr_grid` on the
+The protocol (`transferlab.training.protocol.train_protocol`): the learning rate chosen from `train.lr_grid` on the
 validation split, then one run per seed of `train.seeds`, each to a validation plateau (or marked
 under-trained at the epoch cap). Writes one model per seed (`<out>/seed_<s>/`; for LoRA the adapter and
 head), deterministic training metrics (`metrics/train/<name>.json`: per seed, convergence evidence,
@@ -22,7 +22,7 @@ from stages._common import params_or_exit, parser, run_main
 def resolve_source(selection: str):
     """The source every strategy trains from, as the score stage resolved `train.source` (a fixed name,
     or 'auto': the top-ranked candidate within budgets)."""
-    from transferlab.io import read_json
+    from transferlab.core.io import read_json
     from transferlab.params import SourceSpec
 
     if not Path(selection).is_file():
@@ -61,7 +61,7 @@ def main() -> None:
     name = args.strategy
     if name not in params.strategies:
         raise SystemExit(f"--strategy {name}: not a key of `strategies` (valid: {sorted(params.strategies)})")
-    from transferlab import distributed
+    from transferlab.core import distributed
 
     if params.train.processes > 1 and not distributed.launched():
         distributed.relaunch(params.train.processes, "stages.train", sys.argv[1:])
@@ -69,16 +69,16 @@ def main() -> None:
     import numpy as np
     import pandas as pd
 
-    from transferlab import layout
-    from transferlab.backbones import load_source
-    from transferlab.costs import flops_per_image
-    from transferlab.data import load_prepared
-    from transferlab.device import device_info, device_tags, resolve_device
-    from transferlab.io import path_sha256, write_json, write_text
-    from transferlab.seeding import seed_everything
+    from transferlab.core import layout
+    from transferlab.core.device import device_info, device_tags, resolve_device
+    from transferlab.core.io import path_sha256, write_json, write_text
+    from transferlab.core.seeding import seed_everything
+    from transferlab.data.splits import load_prepared
+    from transferlab.models.costs import flops_per_image
+    from transferlab.models.sources import load_source
+    from transferlab.provenance.tracking import run_info, stage_run
     from transferlab.strategies import get_strategy, strategy_config
-    from transferlab.tracking import run_info, stage_run
-    from transferlab.training import train_protocol
+    from transferlab.training.protocol import train_protocol
 
     cfg = strategy_config(name, params.strategies[name])
     strategy = get_strategy(cfg.kind)

@@ -23,12 +23,15 @@ import numpy as np
 import yaml
 
 from stages._common import params_or_exit, parser, run_main
-from transferlab.backbones import load_source
-from transferlab.data import load_prepared
-from transferlab.io import write_json, write_text
-from transferlab.seeding import seed_everything
+from transferlab.core.io import write_json, write_text
+from transferlab.core.seeding import seed_everything
+from transferlab.data.splits import load_prepared
+from transferlab.models.sources import load_source
 from transferlab.strategies import STRATEGIES, get_strategy, strategy_config
-from transferlab.tuning import Report, ReportingStrategy, SearchSpace, TuningError, tune, tune_ray, validate_space
+from transferlab.tuning.objective import ReportingStrategy
+from transferlab.tuning.optuna_backend import tune
+from transferlab.tuning.ray_backend import tune_ray
+from transferlab.tuning.space import Report, SearchSpace, TuningError, validate_space
 
 
 def _fragment(name: str, entry: dict[str, Any], result: dict[str, Any], n_trials: int) -> str:
@@ -79,8 +82,9 @@ def main() -> None:
         raise SystemExit(str(exc)) from None
     # torch and the training loop: imported once params and the search space are known to be valid.
     from stages.train import resolve_source
-    from transferlab.device import resolve_device
-    from transferlab.training import DivergenceError, train_strategy
+    from transferlab.core.device import resolve_device
+    from transferlab.training.loop import DivergenceError
+    from transferlab.training.protocol import train_strategy
 
     source_name, spec = resolve_source(args.selection)
     read = {
@@ -150,8 +154,8 @@ def main() -> None:
     if tu.backend == "optuna" and storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
-    from transferlab.device import device_tags
-    from transferlab.tracking import stage_run
+    from transferlab.core.device import device_tags
+    from transferlab.provenance.tracking import stage_run
 
     tags = {"source": source_name, "kind": cfg.kind, **device_tags(device)}
     with stage_run(params.tracking, f"tune@{name}", read, strategy=name, tags=tags) as run:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab.backbones import SourceModel, load_source
+from transferlab.models.sources import SourceModel, load_source
 from transferlab.params import SourceSpec
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -50,7 +50,7 @@ def tiny_source() -> SourceModel:
 @pytest.fixture
 def tiny_features(tiny_source, tiny_data) -> dict:
     """The tiny source's penultimate features of the train and val images: a features cache."""
-    from transferlab.backbones import extract
+    from transferlab.models.inference import extract
 
     return {
         s: extract(tiny_source.model, tiny_data["images"][s], tiny_source.mean, tiny_source.std, with_logits=False)[0]
@@ -67,7 +67,8 @@ def two_worker_study(storage_url: str, calls_dir, study_name: str = "parallel", 
 
     import optuna
 
-    from transferlab.tuning import SearchSpace, open_storage, tune
+    from transferlab.tuning.optuna_backend import open_storage, tune
+    from transferlab.tuning.space import SearchSpace
 
     space = SearchSpace.from_dict({"lr": {"low": 1e-4, "high": 1e-1, "log": True}})
     calls_dir.mkdir()

@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 from conftest import TINY_ARCH, make_images  # tests/ is this script's folder
 
-from transferlab import distributed
-from transferlab.backbones import extract, load_source
+from transferlab.core import distributed
+from transferlab.core.seeding import seed_everything
+from transferlab.models.inference import extract
+from transferlab.models.sources import load_source
 from transferlab.params import SourceSpec
-from transferlab.seeding import seed_everything
 from transferlab.strategies import get_strategy, strategy_config
-from transferlab.training import train_strategy
+from transferlab.training.protocol import train_strategy
 
 EPOCHS = int(os.environ.get("DDP_EPOCHS", 4))
 CONFIGS = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transferlab.agreement import (
+from transferlab.scoring.agreement import (
     TOO_FEW,
     bootstrap_accuracies,
     data_free_rankings,

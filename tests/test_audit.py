@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 from transferlab import cli
-from transferlab import revisions as rv
-from transferlab.audit import audit
-from transferlab.io import path_sha256, write_json
+from transferlab.core.io import path_sha256, write_json
 from transferlab.params import TrackingParams
+from transferlab.provenance import revisions as rv
+from transferlab.provenance.audit import audit
 
 
 def git(repo: Path, *args: str) -> str:
@@ -32,7 +32,7 @@ def fake_pipeline(repo: Path, weights: bytes) -> None:
     """What `dvc repro train@lora evaluate@lora` leaves behind (outputs, provenance, MLflow runs, dvc.lock)."""
     import mlflow
 
-    from transferlab.tracking import run_info, stage_run
+    from transferlab.provenance.tracking import run_info, stage_run
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     tracking = TrackingParams(uri=f"sqlite:///{repo}/mlflow.db", experiment="audit")

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from transferlab.backbones import PACKAGED, SourceError, block_groups, extract, load_source, to_input
+from transferlab.models.inference import extract, to_input
+from transferlab.models.sources import PACKAGED, SourceError, block_groups, load_source
 from transferlab.params import SourceSpec
 
 PALACE = 698  # ImageNet class index of 'palace'

@@ -50,7 +50,8 @@ def _folder(tmp: Path, n: int = 4, classes: tuple[str, ...] = ("a", "b")) -> Pat
 
 
 def _load(folder: Path, **data):
-    from transferlab.data import load_dataset, prepare_splits
+    from transferlab.data.loaders import load_dataset
+    from transferlab.data.splits import prepare_splits
     from transferlab.params import DataParams
 
     params = DataParams(
@@ -238,7 +239,7 @@ def _accepted_corrupt(tmp: Path) -> str:
 
 
 def _csv(tmp: Path, text: str, encoding: str = "utf-8", **data) -> str:
-    from transferlab.data import load_dataset
+    from transferlab.data.loaders import load_dataset
     from transferlab.params import DataParams
 
     path = tmp / "t.csv"
@@ -248,7 +249,7 @@ def _csv(tmp: Path, text: str, encoding: str = "utf-8", **data) -> str:
 
 
 def _empty_lines(tmp: Path) -> str:
-    from transferlab.data import load_dataset
+    from transferlab.data.loaders import load_dataset
     from transferlab.params import DataParams
 
     rows = "".join(f"good text {i},pos\nbad text {i},neg\n" for i in range(5))
@@ -280,7 +281,7 @@ TEXTS = [
 
 
 def _unknown_encoding(tmp: Path) -> str:
-    from transferlab.data import load_dataset
+    from transferlab.data.loaders import load_dataset
     from transferlab.params import DataParams
 
     path = tmp / "t.csv"
@@ -292,7 +293,7 @@ def _unknown_encoding(tmp: Path) -> str:
 
 
 def _params(change: Callable[[dict], None]) -> str:
-    from transferlab.params import parse_params
+    from transferlab.config import parse_params
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     change(raw)
@@ -373,21 +374,21 @@ PARAMS = [
 
 
 def _missing_dataset(tmp: Path) -> str:
-    from transferlab.data import load_dataset
+    from transferlab.data.loaders import load_dataset
     from transferlab.params import DataParams
 
     return _error(lambda: load_dataset(DataParams(dataset="fashion_mnist", path=str(tmp))))
 
 
 def _unreachable(tmp: Path) -> str:
-    from transferlab.tracking import check_reachable
+    from transferlab.provenance.tracking import check_reachable
 
     return _error(lambda: check_reachable("http://127.0.0.1:9", timeout_s=2))
 
 
 def _full_disk(tmp: Path) -> str:
     """A real full disk: a 64 KiB tmpfs (root only: CI and this project's machines run as root)."""
-    from transferlab.io import write_npy
+    from transferlab.core.io import write_npy
 
     mnt = tmp / "small"
     mnt.mkdir()
@@ -405,7 +406,7 @@ def _full_disk(tmp: Path) -> str:
 
 def _unwritable(tmp: Path) -> str:
     """A read-only file system (root ignores permission bits, so a read-only mount stands for them)."""
-    from transferlab.io import write_json
+    from transferlab.core.io import write_json
 
     mnt = tmp / "ro"
     mnt.mkdir()

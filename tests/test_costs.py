@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from transferlab import costs
+from transferlab.models import costs
 
 
 def _timm(name: str, num_classes: int) -> nn.Module:

@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab.data import (
-    DatasetError,
-    load_dataset,
-    load_prepared,
-    prepare_splits,
-    save_prepared,
-)
+from transferlab.data.loaders import DatasetError, load_dataset
+from transferlab.data.splits import load_prepared, prepare_splits, save_prepared
 from transferlab.params import DataParams
 
 

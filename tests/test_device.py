@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from transferlab.device import (
+from transferlab.config import load_params
+from transferlab.core.device import (
     DeviceError,
     autocast_context,
     device_info,
@@ -19,10 +20,12 @@ from transferlab.device import (
     make_grad_scaler,
     resolve_device,
 )
-from transferlab.params import ParamsError, load_params
-from transferlab.seeding import seed_everything
+from transferlab.core.seeding import seed_everything
+from transferlab.models.inference import predict_images
+from transferlab.params import ParamsError
 from transferlab.strategies import get_strategy, strategy_config
-from transferlab.training import fit, image_batches, predict_images, train_strategy
+from transferlab.training.loop import fit, image_batches
+from transferlab.training.protocol import train_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA GPU")
@@ -92,7 +95,7 @@ def test_amp_on_cuda_picks_bf16_or_fp16_with_a_scaler(monkeypatch):
     """No GPU here: the choice is checked, not run (a disabled `enabled=False` gives plain fp32)."""
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    from transferlab.device import amp_dtype
+    from transferlab.core.device import amp_dtype
 
     assert amp_dtype(cuda) == torch.bfloat16
     assert isinstance(autocast_context(cuda, enabled=False), contextlib.nullcontext)
@@ -142,7 +145,7 @@ def test_fit_on_an_explicit_cpu_is_bit_identical_to_fit_without_a_device(tiny_so
 
 @pytest.mark.parametrize("name", ["l2sp", "linear_probe"])
 def test_train_strategy_hands_back_a_cpu_model(name, tiny_source, tiny_data):
-    from transferlab.backbones import extract
+    from transferlab.models.inference import extract
 
     features = None
     if get_strategy(name).uses_features:
@@ -228,7 +231,7 @@ def test_params_validation_of_device_imports_no_torch():
     import sys
 
     code = (
-        "from transferlab.params import load_params\nimport sys\n"
+        "from transferlab.config import load_params\nimport sys\n"
         "p = load_params('params.yaml')\nassert p.train.device == 'auto'\nprint('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

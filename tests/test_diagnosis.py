@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab import diagnosis as dx
-from transferlab.seeding import seed_everything
+from transferlab.core.seeding import seed_everything
+from transferlab.diagnosis import findings as dx
 from transferlab.strategies import get_strategy, strategy_config
-from transferlab.training import train_strategy
+from transferlab.training.protocol import train_strategy
 
 
 def _preds(y, acc, seed):
@@ -156,7 +156,7 @@ def test_exact_forgetting_after_fine_tuning_at_a_wrecking_rate(tiny_source, tiny
     images, labels = tiny_data["images"]["test"], tiny_data["labels"]["test"]
     before = (dx.source_head_predictions(source, head, images, (0.5,) * 3, (0.5,) * 3) == labels).mean()
     # A different target task (labels permuted) at a very high rate pulls the backbone away from the source.
-    from transferlab.backbones import SourceModel
+    from transferlab.models.sources import SourceModel
 
     src = SourceModel("s", "test_efficientnet", copy.deepcopy(source), (0.5,) * 3, (0.5,) * 3, True, "t", None)
     shifted = {k: (v + 1) % 3 for k, v in tiny_data["labels"].items()}
@@ -187,7 +187,7 @@ def test_domain_shift_quiet_for_same_domain_and_flagged_for_a_shift(tiny_source,
     imgs = tiny_data["images"]["train"]
     # The source's own BN statistics on its own training images: re-estimated exactly there, so gap ~ 0.
     from transferlab.strategies.adabn import reestimate_bn_stats
-    from transferlab.training import image_batches
+    from transferlab.training.loop import image_batches
 
     reestimate_bn_stats(model, image_batches(imgs, {"mean": (0.5,) * 3, "std": (0.5,) * 3}, "none", None), len(imgs))
     kw = dict(n_permutations=100, seed=0, pad_threshold=1.0, bn_gap_threshold=0.5, source_domain="s")
@@ -203,7 +203,7 @@ def test_domain_shift_without_source_images_is_not_measurable_and_never_flagged_
     model = copy.deepcopy(tiny_source.model)  # BN statistics are set below
     imgs = tiny_data["images"]["train"]
     from transferlab.strategies.adabn import reestimate_bn_stats
-    from transferlab.training import image_batches
+    from transferlab.training.loop import image_batches
 
     reestimate_bn_stats(model, image_batches(imgs, {"mean": (0.5,) * 3, "std": (0.5,) * 3}, "none", None), len(imgs))
     f = dx.domain_shift(
@@ -241,7 +241,7 @@ def test_summary_and_markdown():
 
 
 def test_check_registry_lists_every_check_and_names_the_valid_ones_on_a_typo():
-    from transferlab.checks import CHECKS, get_check
+    from transferlab.diagnosis.checks import CHECKS, get_check
 
     expected = {
         "training_failed",
@@ -260,7 +260,7 @@ def test_check_registry_lists_every_check_and_names_the_valid_ones_on_a_typo():
 
 
 def test_per_seed_records_reads_the_train_stage_layout():
-    from transferlab.checks.training_failed import per_seed_records
+    from transferlab.diagnosis.checks.training_failed import per_seed_records
 
     recs = per_seed_records({"lr": 0.003, "per_seed": {"0": {"converged": True}, "1": {"training_failed": True}}})
     assert recs == {0: {"lr": 0.003, "converged": True}, 1: {"lr": 0.003, "training_failed": True}}
@@ -268,7 +268,7 @@ def test_per_seed_records_reads_the_train_stage_layout():
 
 
 def test_stratified_probe_covers_every_class_when_rows_are_class_ordered():
-    from transferlab.diagnostics import stratified_indices
+    from transferlab.diagnosis.measures import stratified_indices
 
     y = np.repeat(np.arange(10), 100)  # the old `images[:256]` would see 3 classes
     idx = stratified_indices(y, 256, seed=0)
@@ -278,7 +278,7 @@ def test_stratified_probe_covers_every_class_when_rows_are_class_ordered():
 
 
 def test_restore_bn_buffers_tells_statistics_from_weights(tiny_source):
-    from transferlab.checks.forgetting_exact import restore_bn_buffers
+    from transferlab.diagnosis.checks.forgetting_exact import restore_bn_buffers
 
     source = tiny_source.model
     tuned = copy.deepcopy(source)
@@ -294,7 +294,7 @@ def test_restore_bn_buffers_tells_statistics_from_weights(tiny_source):
 
 
 def test_resolution_remedy_features_at_a_larger_size(tiny_source, tiny_data):
-    from transferlab.checks.resolution import features_at, probe_predictions
+    from transferlab.diagnosis.checks.resolution import features_at, probe_predictions
 
     m = tiny_source.model
     small = {s: features_at(m, im, (0.5,) * 3, (0.5,) * 3, 32) for s, im in tiny_data["images"].items()}
@@ -308,7 +308,7 @@ def test_checks_of_the_other_modality_are_skipped_and_listed():
     """An image check never runs on text (and vice versa): it is listed as skipped, not silently dropped."""
     from types import SimpleNamespace
 
-    from transferlab.checks import CHECKS, run_checks
+    from transferlab.diagnosis.checks import CHECKS, run_checks
 
     image_only = [n for n, c in CHECKS.items() if c.modalities == ("image",)]
     text_only = [n for n, c in CHECKS.items() if c.modalities == ("text",)]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from transferlab.diagnostics import (
+from transferlab.diagnosis.measures import (
     bn_statistics_gap,
     linear_cka,
     mmd_permutation_test,

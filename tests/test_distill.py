@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transferlab.seeding import seed_everything
+from transferlab.core.seeding import seed_everything
 from transferlab.strategies import get_strategy, strategy_config
-from transferlab.training import train_strategy
+from transferlab.training.protocol import train_strategy
 
 TEACHER = {"kind": "random_init", "arch": "test_resnet"}  # small, so the test stays fast
 

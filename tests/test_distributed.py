@@ -81,7 +81,7 @@ def _project(tmp_path: Path, processes: int) -> Path:
     from conftest import make_images
     from tiny_repo import TINY_SPEC, write_stage_inputs
 
-    from transferlab.backbones import load_source
+    from transferlab.models.sources import load_source
     from transferlab.params import SourceSpec
 
     root = tmp_path / f"p{processes}"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transferlab.baselines import raw_pixel_logreg
-from transferlab.comparison import compare_to_baseline, equal_compute, seed_sample_bootstrap_gain, verdict
-from transferlab.evaluation import classification_metrics, expected_calibration_error
+from transferlab.evaluation.baselines import raw_pixel_logreg
+from transferlab.evaluation.comparison import compare_to_baseline, equal_compute, seed_sample_bootstrap_gain, verdict
+from transferlab.evaluation.metrics import classification_metrics, expected_calibration_error
 
 
 def test_metrics_on_a_hand_example():
@@ -169,7 +169,7 @@ def test_raw_pixel_baseline_chooses_C_on_validation(tiny_data):
 
 
 def test_recommendation_breaks_exact_ties_by_compute_and_names_the_close_ones():
-    from transferlab.comparison import recommend
+    from transferlab.evaluation.comparison import recommend
 
     val = {"scratch": 0.79, "finetune_full": 0.79, "lora": 0.78, "raw": 0.70}
     trusted = dict.fromkeys(val, True)

@@ -38,7 +38,7 @@ def _bad_params(tmp_path: Path) -> Path:
 def test_params_validation_imports_no_heavy_library(tmp_path):
     bad = _bad_params(tmp_path)
     code = (
-        "from transferlab.params import ParamsError, load_params\n"
+        "from transferlab.config import load_params\nfrom transferlab.params import ParamsError\n"
         f"load_params({str(ROOT / 'params.yaml')!r})\n"
         "try:\n"
         f"    load_params({str(bad)!r})\n"

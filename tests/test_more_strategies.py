@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm as BatchNorm
 
-from transferlab.backbones import block_groups, to_input
-from transferlab.seeding import seed_everything
+from transferlab.core.seeding import seed_everything
+from transferlab.models.inference import to_input
+from transferlab.models.sources import block_groups
 from transferlab.strategies import get_strategy, strategy_config
 from transferlab.strategies.adabn import reestimate_bn_stats
-from transferlab.training import fit, image_batches
+from transferlab.training.loop import fit, image_batches
 
 
 def _fit(strategy, cfg, model, source, data, epochs, weight_decay=0.0):

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from transferlab.params import ParamsError, load_params, parse_params
+from transferlab.config import load_params, parse_params
+from transferlab.params import ParamsError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +93,7 @@ def test_missing_and_broken_files(tmp_path):
 def test_estimator_names_match_the_registry():
     # params.py lists the names so that validating params does not import scikit-learn.
     from transferlab.params import ESTIMATOR_NAMES
-    from transferlab.transferability import ESTIMATORS
+    from transferlab.scoring.estimators import ESTIMATORS
 
     assert sorted(ESTIMATOR_NAMES) == sorted(ESTIMATORS), (
         "transferlab.params.ESTIMATOR_NAMES must list exactly the registered estimators"

@@ -20,8 +20,11 @@ import pytest
 import yaml
 from tiny_repo import write_stage_inputs
 
-from transferlab.params import ParamsError, parse_params
-from transferlab.tuning import SearchSpace, TuningError, tune, tune_ray
+from transferlab.config import parse_params
+from transferlab.params import ParamsError
+from transferlab.tuning.optuna_backend import tune
+from transferlab.tuning.ray_backend import tune_ray
+from transferlab.tuning.space import SearchSpace, TuningError
 
 ray = pytest.importorskip("ray", reason="tune.backend: ray needs ray[tune] (make setup)")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

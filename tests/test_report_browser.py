@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from browser import assert_report_renders, open_page
 
-from transferlab.plotting import confusion_png, curves_png
-from transferlab.report import to_html
+from transferlab.reporting.plots import confusion_png, curves_png
+from transferlab.reporting.report import to_html
 
 
 def test_report_renders_every_figure_offline_in_chromium(tmp_path):

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from transferlab import cli
-from transferlab import revisions as rv
-from transferlab.review import review, to_markdown
+from transferlab.provenance import revisions as rv
+from transferlab.provenance.review import review, to_markdown
 
 N, CLASSES, SEEDS = 2000, 3, (0, 1)
 

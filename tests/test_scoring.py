@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transferlab.io import write_npy
-from transferlab.scoring import score_candidates
+from transferlab.core.io import write_npy
+from transferlab.scoring.selection import score_candidates
 
 
 def _cache(root, name, separation, seed, logits=True):

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab.backbones import count_params, extract, to_input
-from transferlab.seeding import seed_everything
+from transferlab.core.seeding import seed_everything
+from transferlab.models.inference import extract, predict_logits, to_input
+from transferlab.models.sources import count_params
 from transferlab.strategies import STRATEGIES, get_strategy, strategy_config
-from transferlab.training import DivergenceError, predict_logits, train_strategy
+from transferlab.training.loop import DivergenceError
+from transferlab.training.protocol import train_strategy
 
 ALL = sorted(STRATEGIES)
 
@@ -80,7 +82,7 @@ def test_strategy_trains_saves_and_reloads_exactly(name, tiny_source, tiny_data,
     meta = {"arch": tiny_source.arch, "num_classes": 3, "source": "tiny", "mean": [0.5] * 3, "std": [0.5] * 3}
     strategy.save(result.model, tmp_path, meta)
     # Reload from a *fresh* source: the saved artifact alone must carry everything that was trained.
-    from transferlab.backbones import load_source
+    from transferlab.models.sources import load_source
     from transferlab.params import SourceSpec
 
     def fresh():

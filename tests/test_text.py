@@ -12,10 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab import text as tx
-from transferlab.backbones import SourceError, block_groups, extract, load_source
-from transferlab.data import DatasetError, load_dataset, prepare_splits
-from transferlab.params import DataParams, ParamsError, SourceSpec, parse_params
+from transferlab.config import parse_params
+from transferlab.data.loaders import DatasetError, load_dataset
+from transferlab.data.splits import prepare_splits
+from transferlab.data.tokenize import PAD, ids_to_tensor, load_tokenizer, tokenize, vocabulary_sha256
+from transferlab.diagnosis.text_measures import normalise, reference_texts, surface_rates, tokenizer_rates
+from transferlab.models.inference import extract
+from transferlab.models.sources import SourceError, block_groups, load_source
+from transferlab.params import DataParams, ParamsError, SourceSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,23 +31,23 @@ def minilm():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tx.load_tokenizer("minilm")
+    return load_tokenizer("minilm")
 
 
 def _embed(source, texts: list[str], tokenizer, max_length: int = 32) -> np.ndarray:
-    ids, _ = tx.tokenize(texts, tokenizer, max_length)
+    ids, _ = tokenize(texts, tokenizer, max_length)
     return extract(source.model, ids, source.mean, source.std, with_logits=False)[0]
 
 
 def test_tokenize_pads_with_the_sentinel_and_counts_truncations(tokenizer):
-    ids, counts = tx.tokenize(["a short one", "word " * 50], tokenizer, 16)
+    ids, counts = tokenize(["a short one", "word " * 50], tokenizer, 16)
     assert ids.shape == (2, 16) and ids.dtype == np.int32
-    first = ids[0][ids[0] != tx.PAD]
-    assert list(first) == tokenizer("a short one")["input_ids"] and (ids[0][len(first) :] == tx.PAD).all()
+    first = ids[0][ids[0] != PAD]
+    assert list(first) == tokenizer("a short one")["input_ids"] and (ids[0][len(first) :] == PAD).all()
     # The truncated text keeps its closing [SEP], as the encoder saw in pre-training.
     assert ids[1, -1] == tokenizer.sep_token_id and counts["truncated_texts"] == 1
     assert counts["max_tokens"] == len(tokenizer("word " * 50)["input_ids"])
-    t = tx.ids_to_tensor(ids[:1])
+    t = ids_to_tensor(ids[:1])
     assert t.dtype == torch.int64 and t.shape == (1, len(first))  # cut to the batch's longest text
 
 
@@ -68,7 +72,7 @@ def test_minilm_keeps_its_sentence_similarity(minilm, tokenizer):
 
 
 def test_block_groups_and_lora_targets_of_a_text_encoder(minilm):
-    from transferlab.backbones import with_new_head
+    from transferlab.models.sources import with_new_head
     from transferlab.strategies import get_strategy, strategy_config
 
     model = with_new_head(copy.deepcopy(minilm.model), 3, 0)
@@ -191,7 +195,7 @@ def test_params_refuse_mixed_modalities():
 
 
 def test_tfidf_baseline_chooses_C_on_validation():
-    from transferlab.baselines import tfidf_logreg
+    from transferlab.evaluation.baselines import tfidf_logreg
 
     words = {0: "awful terrible bad", 1: "lovely great good"}
     rng = np.random.default_rng(0)
@@ -210,30 +214,30 @@ def test_tfidf_baseline_chooses_C_on_validation():
 
 def test_surface_rates_and_normalisation():
     texts = ["@bob loved it 😂 #happy http://t.co/x", "plain english sentence", "soooo bad Ã¤Ã³_"]
-    rates = tx.surface_rates(texts)
+    rates = surface_rates(texts)
     assert rates["emoji_rate"] == round(1 / 3, 6) and rates["mention_rate"] == round(1 / 3, 6)
     assert rates["url_rate"] == round(1 / 3, 6) and rates["non_ascii_rate"] == round(2 / 3, 6)
     assert rates["elongated_rate"] == round(1 / 3, 6)
-    assert tx.normalise(texts[0]) == "@user loved it face with tears of joy happy http"
-    assert tx.normalise(texts[2]) == "soo bad _"
+    assert normalise(texts[0]) == "@user loved it face with tears of joy happy http"
+    assert normalise(texts[2]) == "soo bad _"
 
 
 def test_tokenizer_rates_count_word_pieces(tokenizer):
-    r = tx.tokenizer_rates(["the cat", "deflategate"], tokenizer)
+    r = tokenizer_rates(["the cat", "deflategate"], tokenizer)
     pieces = len(tokenizer("deflategate", add_special_tokens=False)["input_ids"])
     assert pieces > 1 and r["pieces_per_word"] == round((2 + pieces) / 3, 6) and r["split_word_rate"] == round(1 / 3, 6)
 
 
 def test_reference_corpus_is_general_english_and_seeded():
-    a = tx.reference_texts(50, seed=1)
-    assert len(a) == 50 and a == tx.reference_texts(50, seed=1) and a != tx.reference_texts(50, seed=2)
-    assert tx.surface_rates(a)["mention_rate"] < 0.05 and all(5 <= len(t.split()) <= 60 for t in a)
+    a = reference_texts(50, seed=1)
+    assert len(a) == 50 and a == reference_texts(50, seed=1) and a != reference_texts(50, seed=2)
+    assert surface_rates(a)["mention_rate"] < 0.05 and all(5 <= len(t.split()) <= 60 for t in a)
     with pytest.raises(FileNotFoundError, match="apt-get install -y fortunes"):
-        tx.reference_texts(5, seed=0, folder="/nonexistent")
+        reference_texts(5, seed=0, folder="/nonexistent")
 
 
 def test_similarity_kept_is_one_under_a_rotation_and_low_when_scrambled():
-    from transferlab.checks.text_forgetting import similarity_kept
+    from transferlab.diagnosis.checks.text_forgetting import similarity_kept
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(30, 8))
@@ -245,13 +249,13 @@ def test_similarity_kept_is_one_under_a_rotation_and_low_when_scrambled():
 
 
 def test_domain_adaptive_pretraining_saves_a_loadable_source(minilm, tmp_path):
-    from transferlab.pretraining import PretrainSpec, domain_adaptive_pretrain, save_dapt
+    from transferlab.training.pretraining import PretrainSpec, domain_adaptive_pretrain, save_dapt
 
-    tok = tx.load_tokenizer("minilm")
+    tok = load_tokenizer("minilm")
     texts = [f"@user{i} loving the #deflategate news {i} http://t.co/{i}" for i in range(24)]
     spec = PretrainSpec(kind="dapt", epochs=3, head_epochs=1, batch_size=8, lr=3e-4, heldout_fraction=0.25)
     model, metrics, history = domain_adaptive_pretrain(
-        spec, texts, tx.vocabulary_sha256(tok), 24, seed=0, generator=torch.Generator().manual_seed(0)
+        spec, texts, vocabulary_sha256(tok), 24, seed=0, generator=torch.Generator().manual_seed(0)
     )
     assert [h["phase"] for h in history] == ["head", "adapt", "adapt", "adapt"] and metrics["heldout_texts"] == 6
     assert metrics["mlm_loss_heldout_adapted"] < metrics["mlm_loss_heldout_head_only"]
@@ -259,10 +263,10 @@ def test_domain_adaptive_pretraining_saves_a_loadable_source(minilm, tmp_path):
     loaded = load_source("dapt", SourceSpec(kind="pipeline"), pipeline_dir=tmp_path)
     assert loaded.modality == "text" and not loaded.has_classifier
     probe = ["a new text", "another one"]
-    ids, _ = tx.tokenize(probe, tok, 32)
+    ids, _ = tokenize(probe, tok, 32)
     direct = extract(model, ids, loaded.mean, loaded.std, with_logits=False)[0]
     np.testing.assert_allclose(_embed(loaded, probe, tok), direct, atol=1e-6)  # saved and loaded exactly
     moved = np.abs(_embed(loaded, probe, tok) - _embed(minilm, probe, tok)).max()
     assert moved > 1e-4  # the encoder was adapted, not just copied
     with pytest.raises(ValueError, match="unlabeled texts"):
-        domain_adaptive_pretrain(spec, texts[:3], tx.vocabulary_sha256(tok), 24, 0, torch.Generator())
+        domain_adaptive_pretrain(spec, texts[:3], vocabulary_sha256(tok), 24, 0, torch.Generator())

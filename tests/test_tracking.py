@@ -7,7 +7,7 @@ import time
 import pytest
 
 from transferlab.params import TrackingParams
-from transferlab.tracking import TrackingError, check_reachable, flatten, run_info, stage_run
+from transferlab.provenance.tracking import TrackingError, check_reachable, flatten, run_info, stage_run
 
 
 def test_stage_run_records_params_tags_and_provenance(tmp_path, monkeypatch):
@@ -55,7 +55,7 @@ def test_champion_alias_follows_the_recommendation_and_keeps_its_history(tmp_pat
     from mlflow.tracking import MlflowClient
 
     from transferlab.params import TrackingParams
-    from transferlab.tracking import EXPERIMENT_TAGS, register_champion, stage_run
+    from transferlab.provenance.tracking import EXPERIMENT_TAGS, register_champion, stage_run
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -125,7 +125,7 @@ def test_a_live_run_of_another_process_is_left_running(tmp_path, monkeypatch):
 
     import mlflow
 
-    from transferlab.tracking import mark_orphaned_runs
+    from transferlab.provenance.tracking import mark_orphaned_runs
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -151,7 +151,7 @@ def test_queued_experiments_track_into_the_projects_database(tmp_path, monkeypat
     relative `sqlite:///mlflow.db` and the artifact folder must resolve to the project, not to that copy."""
     import mlflow
 
-    from transferlab.tracking import project_root, resolve_uri
+    from transferlab.provenance.tracking import project_root, resolve_uri
 
     workspace = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpabc123"
     workspace.mkdir(parents=True)

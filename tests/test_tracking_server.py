@@ -27,7 +27,8 @@ from conftest import two_worker_study
 from mlflow.tracking import MlflowClient
 from tiny_repo import write_image_folder, write_stage_inputs
 
-from transferlab.tuning import SearchSpace, tune
+from transferlab.tuning.optuna_backend import tune
+from transferlab.tuning.space import SearchSpace
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "tracking_server.sh"

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from transferlab.seeding import seed_everything
+from transferlab.core.seeding import seed_everything
 from transferlab.strategies import get_strategy, strategy_config
-from transferlab.training import fit, tensor_batches, train_protocol, training_failure
+from transferlab.training.loop import fit, tensor_batches, training_failure
+from transferlab.training.protocol import train_protocol
 
 
 def _blobs(n_per_class: int, d: int, sep: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,8 +150,8 @@ def test_a_best_rate_on_the_grid_edge_extends_the_grid(tiny_source, tiny_data, t
 def test_channels_last_trains_reproducibly_and_hands_back_a_saveable_model(tiny_source, tiny_data, tmp_path):
     """Channels-last training: the same numbers on a rerun, contiguous weights afterwards (a LoRA adapter is
     saved with safetensors, which refuses other layouts), and a reload that predicts exactly the same."""
-    from transferlab.backbones import to_input
-    from transferlab.training import predict_logits, train_strategy
+    from transferlab.models.inference import predict_logits, to_input
+    from transferlab.training.protocol import train_strategy
 
     def run():
         seed_everything(0)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from transferlab.transferability import (
+from transferlab.scoring.estimators import (
     ESTIMATORS,
     Estimator,
     UndefinedEstimate,

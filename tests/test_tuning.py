@@ -13,12 +13,15 @@ import yaml
 from conftest import two_worker_study
 from tiny_repo import write_stage_inputs
 
-from transferlab.backbones import extract
-from transferlab.params import ParamsError, parse_params
-from transferlab.seeding import seed_everything
+from transferlab.config import parse_params
+from transferlab.core.seeding import seed_everything
+from transferlab.models.inference import extract
+from transferlab.params import ParamsError
 from transferlab.strategies import get_strategy, strategy_config
-from transferlab.training import train_strategy
-from transferlab.tuning import ReportingStrategy, SearchSpace, TuningError, tune, validate_space
+from transferlab.training.protocol import train_strategy
+from transferlab.tuning.objective import ReportingStrategy
+from transferlab.tuning.optuna_backend import tune
+from transferlab.tuning.space import SearchSpace, TuningError, validate_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -73,9 +73,9 @@ def write_stage_inputs(root: Path, images: dict, labels: dict, class_names: list
     """What `train@` / `tune@` read, as prepare, features@ and score would write it under `root`: the prepared
     splits (`prepared/`), `source`'s features cache of train and val (`features/tiny/`), and `selection.json`
     naming `tiny` (TINY_SPEC, the spec `source` is loaded from)."""
-    from transferlab.backbones import extract
-    from transferlab.data import save_prepared
-    from transferlab.io import write_json
+    from transferlab.core.io import write_json
+    from transferlab.data.splits import save_prepared
+    from transferlab.models.inference import extract
 
     splits = {s: {"images": images[s], "labels": labels[s], "source_index": np.arange(len(labels[s]))} for s in labels}
     save_prepared(root / "prepared", splits, class_names, {})

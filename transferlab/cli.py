@@ -1,4 +1,4 @@
-"""The `transferlab` console command: thin over `transferlab.review` and `transferlab.audit`.
+"""The `transferlab` console command: thin over `transferlab.provenance.review` and `transferlab.provenance.audit`.
 
     transferlab review [--base main] [--rev REV] [--md] [--fail-on-regression]
     transferlab audit <champion | models/<strategy> | strategy | mlflow-run-id | git-rev> [--reevaluate] [--md]
@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _review(args: argparse.Namespace) -> int:
-    from transferlab import review as rv_mod
+    from transferlab.provenance import review as rv_mod
 
     result = rv_mod.review(
         args.repo, args.base, args.rev, n_bootstrap=args.n_bootstrap, confidence=args.confidence, seed=args.seed
@@ -75,11 +75,11 @@ def _review(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from transferlab import audit as au
+    from transferlab.provenance import audit as au
 
     report = au.audit(args.repo, args.target, uri=args.tracking_uri)
     if args.reevaluate:
-        from transferlab.revisions import WORKSPACE, read_json, repo_root
+        from transferlab.provenance.revisions import WORKSPACE, read_json, repo_root
 
         root = repo_root(args.repo)
         for a in report.audits:
@@ -109,13 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    from transferlab.revisions import RevisionError
+    from transferlab.provenance.revisions import RevisionError
 
     known: tuple[type[BaseException], ...] = (RevisionError, FileNotFoundError, ValueError)
     try:
         if args.command == "review":
             return _review(args)
-        from transferlab.audit import AuditError
+        from transferlab.provenance.audit import AuditError
 
         known = (*known, AuditError)
         return _audit(args)

@@ -7,14 +7,11 @@ adding a strategy never touches this file.
 
 from __future__ import annotations
 
-import difflib
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from transferlab.device import DEVICE_CHOICES, DEVICE_PATTERN
+from transferlab.core.device import DEVICE_CHOICES, DEVICE_PATTERN
 
 
 class ParamsError(ValueError):
@@ -34,7 +31,7 @@ class TrackingParams(Section):
     connect_timeout_s: float = Field(10.0, gt=0, description="seconds to wait for a tracking server")
 
 
-# What each dataset loader yields (transferlab.data.LOADERS); read here so that validation imports nothing.
+# What each dataset loader yields (transferlab.data.loaders.LOADERS); read here so that validation imports nothing.
 DATASET_MODALITY = {
     "fashion_mnist": "image",
     "mnist_digits": "image",
@@ -42,7 +39,7 @@ DATASET_MODALITY = {
     "tweets": "text",
     "csv": "text",
 }
-# Source kinds and names by modality (transferlab.backbones, transferlab.text), for the same reason.
+# Source kinds and names by modality (transferlab.models.sources, transferlab.models.text_encoder), for the same reason.
 PACKAGED_IMAGE = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 PACKAGED_TEXT = ("minilm",)
 
@@ -126,7 +123,7 @@ class SourceSpec(Section):
         return "image"
 
 
-# The names registered in transferlab.transferability.ESTIMATORS, listed here so that validating params does
+# The names registered in transferlab.scoring.estimators.ESTIMATORS, listed here so that validating params does
 # not import scikit-learn (a second of a typo's report); tests/test_params.py fails when the two differ.
 ESTIMATOR_NAMES = (
     "hscore",
@@ -146,7 +143,7 @@ class ScoreParams(Section):
     select_by: str = Field("logme", description="the estimator that ranks candidates")
     estimators: list[str] = Field(
         ["logme", "leep", "nce", "hscore", "hscore_shrinkage", "sfda", "knn_accuracy", "linear_probe_accuracy"],
-        description="estimators to compute (transferlab.transferability.ESTIMATORS)",
+        description="estimators to compute (transferlab.scoring.estimators.ESTIMATORS)",
     )
     max_params: int | None = Field(None, ge=1, description="budget: candidates with more parameters are not selected")
     max_latency_ms: float | None = Field(None, gt=0, description="budget: CPU ms per image at batch 1")
@@ -192,7 +189,7 @@ class AgreementParams(Section):
 
 
 class TrainParams(Section):
-    """The one training protocol of train@, agreement and diagnose (transferlab.training.train_protocol)."""
+    """The one training protocol of train@, agreement and diagnose (transferlab.training.protocol.train_protocol)."""
 
     source: str = Field("efficientnet_lite0", description="a key of `sources`, or 'auto' (the score stage's pick)")
     # Training seeds (model init, batch order, augmentation); the data split uses the top-level `seed`.
@@ -219,7 +216,7 @@ class TrainParams(Section):
     # where a mirror image changes the class (digits, text).
     augment: Literal["none", "crop", "crop_flip"] = "crop_flip"
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")
-    # Resolved when a stage runs (transferlab.device.resolve_device), not here: validation must not import
+    # Resolved when a stage runs (transferlab.core.device.resolve_device), not here: validation must not import
     # torch. CUDA runs use mixed precision and are reproducible on the same card, not bit-identical to CPU.
     device: str = Field("auto", description="auto (CUDA when available, else CPU) | cpu | cuda | cuda:N")
     # 1.7-1.9x the training images/s of the default layout on this project's 2-core CPU (benchmarks/);
@@ -252,6 +249,10 @@ class TrainParams(Section):
         if any(v <= 0 for v in value):
             raise ValueError(f"multipliers must be positive (got {value})")
         return value
+
+
+# Optuna storages that several workers can share (transferlab.tuning.optuna_backend uses the same tuple).
+PARALLEL_STORAGES = ("journal:///", "postgresql")
 
 
 class TuneParams(Section):
@@ -386,7 +387,7 @@ class DiagnoseParams(Section):
         None, ge=1, description="cap on remedy runs' epochs (tiny test configs); null: the pipeline's train recipe"
     )
     n_bootstrap: int = Field(1000, ge=100)
-    # Text runs (transferlab/checks/text_*.py).
+    # Text runs (transferlab/diagnosis/checks/text_*.py).
     reference_texts: int = Field(
         400, ge=20, description="text: general-English passages (Debian fortunes) for MMD, tokenizer rates, forgetting"
     )
@@ -411,7 +412,7 @@ class Params(Section):
     tracking: TrackingParams = TrackingParams()
     data: DataParams = DataParams()
     sources: dict[str, SourceSpec]
-    # In-pipeline source models (`pretrain@<name>`), validated by transferlab.pretraining.PretrainSpec.
+    # In-pipeline source models (`pretrain@<name>`), validated by transferlab.training.pretraining.PretrainSpec.
     pretrain: dict[str, dict[str, Any]] = {}
     score: ScoreParams = ScoreParams()
     agreement: AgreementParams = AgreementParams()
@@ -442,14 +443,6 @@ class Params(Section):
                 f"compare.baseline: '{self.compare.baseline}' is not listed under `strategies` "
                 f"(listed: {sorted(self.strategies)})"
             )
-        from transferlab.pretraining import PretrainSpec
-
-        for name, raw in self.pretrain.items():
-            try:
-                PretrainSpec.model_validate(raw)
-            except ValidationError as exc:
-                bad = "; ".join(f"pretrain.{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-                raise ValueError(bad) from None
         for name, spec in self.sources.items():
             if spec.kind == "pipeline" and name not in self.pretrain:
                 raise ValueError(f"sources.{name}: kind 'pipeline' needs a `pretrain.{name}` entry that trains it")
@@ -474,17 +467,6 @@ class Params(Section):
                 f"diagnose.forgetting_source: '{fs}' must be a `pipeline` source listed under `sources` "
                 f"(pipeline sources: {sorted(n for n, s in self.sources.items() if s.kind == 'pipeline')}), or null"
             )
-        # Resolve each strategy's own config now, so a typo inside one fails before any stage runs.
-        from transferlab.strategies import STRATEGIES, strategy_config
-
-        for name, raw in [("agreement.finetune", self.agreement.finetune), *self.strategies.items()]:
-            kind = strategy_config(name, raw).kind
-            supported = STRATEGIES[kind].modalities
-            if modality not in supported:
-                raise ValueError(
-                    f"strategies.{name}: '{kind}' works on {list(supported)} only, and data.dataset "
-                    f"'{self.data.dataset}' is {modality}: remove it from this profile"
-                )
         return self
 
     @model_validator(mode="after")
@@ -510,8 +492,6 @@ class Params(Section):
                     f"tune.asha_grace_epochs: {self.tune.asha_grace_epochs} is not below tune.epochs "
                     f"({self.tune.epochs}), so ASHA could stop no trial; lower it, or set tune.pruning: false"
                 )
-        from transferlab.tuning import PARALLEL_STORAGES, check_tune_spaces
-
         parallel = self.tune.storage.startswith(PARALLEL_STORAGES)
         if self.tune.backend == "optuna" and self.tune.workers > 1 and not parallel:
             raise ValueError(
@@ -533,62 +513,4 @@ class Params(Section):
                 f"tune.storage: '{self.tune.storage}' is MLflow's database (tracking.uri); use another file, "
                 "e.g. sqlite:///optuna.db (both keep an alembic_version table)"
             )
-        check_tune_spaces(self.tune.strategies, self.tune.space, self.strategies)
         return self
-
-
-def _describe(err: dict[str, Any], model: type[BaseModel] | None) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        valid = _valid_keys(err["loc"][:-1])
-        close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        return f"{loc}: unknown key.{hint} Valid keys here: {valid}"
-    if not err["loc"]:  # a cross-check over several sections: its message names the keys itself
-        return msg.removeprefix("Value error, ")
-    return f"{loc}: {msg} (got {err.get('input')!r})"
-
-
-def _valid_keys(loc: tuple) -> list[str]:
-    model: Any = Params
-    for part in loc:
-        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
-        if field is None:
-            return []
-        model = field.annotation
-    return sorted(model.model_fields) if hasattr(model, "model_fields") else []
-
-
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file.
-
-    Args:
-        path: the YAML file (DVC's `params.yaml` by default).
-
-    Returns:
-        The validated, immutable params.
-
-    Raises:
-        ParamsError: the file is missing, is not YAML, or holds an unknown key or a bad value; the
-            message lists every problem with its key, its value and the valid choices.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"params file not found: {path} (run from the project root, or pass --params)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
-    return parse_params(raw, origin=str(path))
-
-
-def parse_params(raw: dict[str, Any], origin: str = "params") -> Params:
-    """Validate an already-loaded params mapping (see `load_params`)."""
-    try:
-        return Params.model_validate(raw)
-    except ValidationError as exc:
-        problems = [_describe(e, Params) for e in exc.errors()]
-        raise ParamsError(f"{origin} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems)) from None
-    except (KeyError, ValueError) as exc:  # raised by strategy_config inside the cross checks
-        raise ParamsError(f"{origin}: {exc}") from None

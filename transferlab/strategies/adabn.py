@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import Field
 
-from transferlab.backbones import SourceModel, with_new_head
+from transferlab.models.sources import SourceModel, with_new_head
 from transferlab.strategies.base import Strategy, StrategyConfig, freeze_all, register_strategy
 
 if TYPE_CHECKING:  # params validation imports this module for its Config: no torch at import

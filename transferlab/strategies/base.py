@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from transferlab.backbones import SourceModel, with_new_head
-from transferlab.io import read_json, save_torch, write_json
+from transferlab.core.io import read_json, save_torch, write_json
+from transferlab.models.sources import SourceModel, with_new_head
 
 if TYPE_CHECKING:
     import torch
@@ -170,7 +170,7 @@ class Strategy:
         """Rebuild the trained model from `out_dir` (eval mode)."""
         import torch
 
-        from transferlab.backbones import _create
+        from transferlab.models.sources import _create
 
         ckpt = torch.load(out_dir / "model.pt", map_location="cpu", weights_only=True)
         model = _create(ckpt["arch"], pretrained=False, num_classes=ckpt["num_classes"], **ckpt.get("kwargs", {}))

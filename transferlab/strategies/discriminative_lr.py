@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from transferlab.backbones import block_groups
+from transferlab.models.sources import block_groups
 from transferlab.strategies.base import Strategy, StrategyConfig, register_strategy
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from transferlab.backbones import SourceModel, load_source, with_new_head
+from transferlab.models.sources import SourceModel, load_source, with_new_head
 from transferlab.params import SourceSpec
 from transferlab.strategies.base import Strategy, StrategyConfig, head_names, register_strategy
 
@@ -55,7 +55,7 @@ class Distill(Strategy):
         from transferlab.strategies import get_strategy, strategy_config
 
         # Imported here: training imports the strategy registry.
-        from transferlab.training import fit, image_batches
+        from transferlab.training.loop import fit, image_batches
 
         teacher_source = load_source("teacher", cfg.teacher, seed=seed)
         ft = get_strategy("finetune_full")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from transferlab.backbones import SourceModel, block_groups, with_new_head
+from transferlab.models.sources import SourceModel, block_groups, with_new_head
 from transferlab.strategies.base import Strategy, StrategyConfig, register_strategy
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ not a buffer, so `state_dict` (and the saved model) is the plain network. The op
 switched off: decay toward 0 is exactly the bias L2-SP replaces.
 
 This is an AdamW variant of L2-SP, not the paper's recipe: the paper optimises with SGD with momentum
-(0.9), while here the shared training loop (`transferlab.training.fit`: AdamW with weight decay 0 on these
+(0.9), while here the shared training loop (`transferlab.training.loop.fit`: AdamW with weight decay 0 on these
 groups, cosine learning rate, early stopping) drives every strategy alike, so strategies differ only in
 what they change. With Adam the penalty's gradient is rescaled per parameter like the data term, so the
 effective pull toward w0 is not the paper's; alpha values tuned for the paper's SGD do not carry over.
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from transferlab.backbones import SourceModel, with_new_head
+from transferlab.models.sources import SourceModel, with_new_head
 from transferlab.strategies.base import Strategy, StrategyConfig, head_names, register_strategy
 
 if TYPE_CHECKING:  # params validation imports this module for its Config: no torch at import

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from transferlab.backbones import SourceModel, with_new_head
-from transferlab.io import write_json, write_text
+from transferlab.core.io import write_json, write_text
+from transferlab.models.sources import SourceModel, with_new_head
 from transferlab.strategies.base import Strategy, StrategyConfig, register_strategy
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from transferlab.backbones import SourceModel, random_like
+from transferlab.models.sources import SourceModel, random_like
 from transferlab.strategies.base import Strategy, StrategyConfig, register_strategy
 
 if TYPE_CHECKING:

@@ -1,0 +1,249 @@
+"""Registry of diagnosis checks, one module each; adding one is a module and a decorator.
+
+A check measures one problem, turns the measurement into findings (with a severity and a remedy, see
+`transferlab.diagnosis.finding`), runs the remedy of each flagged finding and verifies it before/after:
+
+    @register_check("resolution")
+    class Resolution(Check):
+        order = 50
+        def measure(self, ctx): ...          # -> list of findings
+        def remedy(self, ctx, finding): ...   # -> remedy_result (diagnosis.remedy_outcome) or None
+
+`run_checks` is the diagnose stage's loop: every registered check in `order`, remedies for flagged
+findings only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from transferlab.data.splits import Prepared
+from transferlab.params import Params, SourceSpec
+
+log = logging.getLogger(__name__)
+
+CHECKS: dict[str, Check] = {}
+
+
+class Check:
+    """Base class: subclasses set `order` and override `measure` (and `remedy` when they have one)."""
+
+    name: ClassVar[str] = ""
+    order: ClassVar[int] = 100  # position in the stage's loop (the report orders by finding type)
+    modalities: ClassVar[tuple[str, ...]] = ("image", "text")  # data it reads; skipped (and counted) otherwise
+
+    def applies(self, ctx: DiagnosisContext) -> bool:
+        """False when the inputs this check needs are absent (it is then skipped and counted)."""
+        return True
+
+    def measure(self, ctx: DiagnosisContext) -> list[dict]:
+        raise NotImplementedError
+
+    def remedy(self, ctx: DiagnosisContext, finding: dict) -> dict | None:
+        """Run the remedy of a flagged finding; return its before/after (`diagnosis.remedy_outcome`)."""
+        return None
+
+
+def register_check(name: str):
+    """Class decorator: instantiate and register the check under `name`."""
+
+    def deco(cls: type[Check]) -> type[Check]:
+        if name in CHECKS:
+            raise ValueError(f"check '{name}' is registered twice")
+        cls.name = name
+        CHECKS[name] = cls()
+        return cls
+
+    return deco
+
+
+def get_check(name: str) -> Check:
+    """The registered check called `name`.
+
+    Raises:
+        KeyError: unknown name; the message lists the valid ones.
+    """
+    if name not in CHECKS:
+        raise KeyError(f"unknown check '{name}' (valid: {sorted(CHECKS)})")
+    return CHECKS[name]
+
+
+@dataclass
+class DiagnosisContext:
+    """Everything the checks read, loaded once by the stage.
+
+    Test predictions are aligned on `sample_ids` (never on row order); `preds` holds each model's first
+    training seed (the seed whose model `layout.primary_seed_dir` loads), `test_images` the prepared test
+    images in the same order.
+    """
+
+    params: Params
+    data: Prepared
+    selected: str
+    selected_spec: SourceSpec
+    features_dir: Path
+    pretrained_dir: Path
+    models_dir: Path
+    history_dir: Path
+    train_metrics_dir: Path | None
+    sample_ids: np.ndarray
+    y: np.ndarray
+    preds: dict[str, np.ndarray]
+    candidates: dict[str, np.ndarray] = field(default_factory=dict)
+    source_images: np.ndarray | None = None  # params diagnose.source_images, loaded at the target size
+    cache: dict[str, Any] = field(default_factory=dict)
+    # Where checks run forward passes and remedy training (a torch.device, resolved from train.device by the
+    # stage); None: the CPU. Never part of a finding: metrics stay device-free.
+    device: Any = None
+
+    @property
+    def seed(self) -> int:
+        return self.params.seed
+
+    @property
+    def train_seed(self) -> int:
+        """The first training seed: the one remedy runs train with."""
+        return int(getattr(self.params.train, "seeds", [self.params.seed])[0])
+
+    @property
+    def n_bootstrap(self) -> int:
+        return self.params.diagnose.n_bootstrap
+
+    @property
+    def confidence(self) -> float:
+        return self.params.compare.confidence
+
+    @property
+    def test_images(self) -> np.ndarray:
+        """Prepared test images in `sample_ids` order."""
+        if "test_images" not in self.cache:
+            self.cache["test_images"] = self.data.images["test"][self.test_rows(self.sample_ids)]
+        return self.cache["test_images"]
+
+    def test_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of the prepared test split holding the samples `ids`."""
+        stored = self.data.ids.get("test") if self.data.ids else None
+        if stored is None or len(stored) == 0:
+            return np.asarray(ids, dtype=np.int64)
+        pos = {int(s): i for i, s in enumerate(stored)}
+        missing = [int(s) for s in ids if int(s) not in pos]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} predicted sample id(s) are not in the prepared test split: re-run evaluate"
+            )
+        return np.array([pos[int(s)] for s in ids], dtype=np.int64)
+
+    def probe(self, split: str) -> np.ndarray:
+        """A seeded, class-stratified subset of `diagnose.probe_images` images of a split."""
+        from transferlab.diagnosis.measures import stratified_indices
+
+        labels = self.y if split == "test" else self.data.labels[split]
+        images = self.test_images if split == "test" else self.data.images[split]
+        idx = stratified_indices(labels, self.params.diagnose.probe_images, seed=self.seed)
+        return images[idx]
+
+    def load_source(self, name: str | None = None):
+        """A fresh copy of a source model (the selected one by default)."""
+        from transferlab.models.sources import load_source
+
+        name = name or self.selected
+        spec = self.selected_spec if name == self.selected else self.params.sources[name]
+        return load_source(name, spec, seed=self.seed, pipeline_dir=self.pretrained_dir)
+
+    def load_strategy_model(self, name: str):
+        """The trained model of `strategies.<name>` (its first seed), rebuilt on the selected source."""
+        from transferlab.core import layout
+        from transferlab.strategies import get_strategy, strategy_config
+
+        cfg = strategy_config(name, self.params.strategies[name])
+        return get_strategy(cfg.kind).load(layout.primary_seed_dir(self.models_dir / name), lambda: self.load_source())
+
+    def recipe(self, strategy_name: str, cfg) -> dict:
+        """The pipeline's own training recipe (params.train, the strategy's epochs), for remedy runs.
+
+        `diagnose.remedy_epochs`, when set, caps the epochs (tiny test configs)."""
+        tp = self.params.train
+        epochs = cfg.epochs or tp.epochs
+        cap = self.params.diagnose.remedy_epochs
+        if cap is not None:
+            epochs = min(epochs, cap)
+        return {
+            "epochs": epochs,
+            "batch_size": tp.batch_size,
+            "patience": tp.patience,
+            "weight_decay": tp.weight_decay,
+            "augment": tp.augment,
+            "lr_patience": tp.lr_patience,
+            "lr_factor": tp.lr_factor,
+            "min_delta": tp.min_delta,
+            "min_lr_ratio": tp.min_lr_ratio,
+            "channels_last": tp.channels_last,
+        }
+
+    def finetune_like(self, kind: str, lr: float, *, source: str | None = None, epochs: int | None = None):
+        """Train `kind` (`finetune_full`, or `l2sp` at `diagnose.l2sp_alpha`) with `strategies.finetune_full`'s
+        settings at `lr`, from `source` (default: the selected one), with the pipeline's recipe on the first
+        training seed; `epochs` fixes a short budget (patience = epochs) instead. Returns the `TrainResult`."""
+        from transferlab.core.seeding import seed_everything
+        from transferlab.strategies import get_strategy, strategy_config
+        from transferlab.training.protocol import train_strategy
+
+        raw = dict(self.params.strategies.get("finetune_full") or {})
+        raw.pop("kind", None)
+        extra = {"alpha": self.params.diagnose.l2sp_alpha} if kind == "l2sp" else {}
+        keep = {k: v for k, v in raw.items() if k in ("backbone_lr_mult", "epochs")}
+        cfg = strategy_config(kind, {**keep, "kind": kind, "lr": lr, **extra})
+        recipe = self.recipe(kind, cfg)
+        if epochs is not None:
+            recipe.update(epochs=epochs, patience=epochs)
+        gen = seed_everything(self.train_seed, self.params.train.num_threads)
+        return train_strategy(
+            get_strategy(kind),
+            cfg,
+            self.load_source(source),
+            self.data.images,
+            self.data.labels,
+            self.data.num_classes,
+            seed=self.train_seed,
+            generator=gen,
+            label=f"diagnose {kind}@{lr:g}",
+            device=self.device,
+            **recipe,
+        )
+
+
+def run_checks(ctx: DiagnosisContext, names: list[str] | None = None) -> tuple[list[dict], dict]:
+    """Run checks in `order`: measure, then the remedy of every flagged finding.
+
+    Args:
+        ctx: the loaded inputs.
+        names: checks to run (default: every registered one).
+
+    Returns:
+        (findings, run_log): run_log lists the checks run and those skipped because their inputs are absent.
+    """
+    selected = [get_check(n) for n in (names if names is not None else sorted(CHECKS))]
+    findings, ran, skipped = [], [], []
+    for check in sorted(selected, key=lambda c: (c.order, c.name)):
+        if ctx.data.modality not in check.modalities or not check.applies(ctx):
+            skipped.append(check.name)
+            continue
+        log.info("check %s", check.name)
+        for f in check.measure(ctx):
+            f["check"] = check.name
+            if f["flagged"]:
+                f["remedy_result"] = check.remedy(ctx, f)
+            findings.append(f)
+        ran.append(check.name)
+    return findings, {"checks_run": ran, "checks_skipped": skipped}
+
+
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_mod}")
