@@ -7,11 +7,15 @@ adding a strategy never touches this file.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from transferlab.core.device import DEVICE_CHOICES, DEVICE_PATTERN
+# `train.device`: checked here by pattern (validation must not import torch), resolved by
+# transferlab.core.device when a stage runs.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+DEVICE_CHOICES = "auto | cpu | cuda | cuda:N"
 
 
 class ParamsError(ValueError):

