@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
 
-.PHONY: repro-full repro-text textdata browser bad-inputs-doc faults postgres tracking-server tracking-server-stop
+.PHONY: repro-full repro-text textdata browser bad-inputs-doc faults gpu-check postgres tracking-server tracking-server-stop
 .PHONY: setup repro test test-fast lint format dataset clean-outputs bench bench-scaling review
 
 setup: $(STAMP)
@@ -63,7 +63,15 @@ repro-text: setup textdata
 
 # docs/faults.md: kill -9 inside each kind of stage of the tiny project, recover, compare (minutes).
 faults: setup
-	$(PY) benchmarks/faults.py --out docs/faults.md
+	$(PY) tests/faults.py --out docs/faults.md
+
+# GPU acceptance on a machine with an NVIDIA GPU (exit 2 without one, before any set-up): the tiny
+# pipeline with train.device: cuda, then the img/s table (benchmarks/README.md, GPU). The script runs
+# `make setup` itself. GPU_CHECK=pipeline | throughput for one half; the text path:
+# `.venv/bin/python tests/gpu/gpu_text_check.py out.json`.
+GPU_CHECK ?= all
+gpu-check:
+	bash tests/gpu/gpu_check.sh $(GPU_CHECK)
 
 # docs/bad_inputs.md: the message each bad input gets, written by the cases the tests check.
 bad-inputs-doc: setup
@@ -98,9 +106,12 @@ test: setup dataset browser textdata postgres
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# ruff, then the import-linter contracts of pyproject.toml ([tool.importlinter]: the layers of
+# docs/architecture.md; a lower package never imports a higher one).
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-logo
 
 format: setup
 	$(VENV)/bin/ruff format .

@@ -14,7 +14,7 @@ runs. Rows:
 - `stage overhead stages.<x>`: import + params validation + an empty tracking run, in one process: the
   fixed cost of a stage with nothing to compute, against the goal of 3 s over `python -c pass`.
 - `train: ...`: images per second of EfficientNet-Lite0 at 48 px, batch 32, all layers trainable:
-  (a) the project's `training.fit`, (b) a naive loop as in the timm/torchvision docs (ImageFolder over
+  (a) the project's `training.loop.fit`, (b) a naive loop as in the timm/torchvision docs (ImageFolder over
   PNG files + PIL transforms per image), (c) bare forward+backward+step on one in-memory batch, (d) (c)
   with channels_last.
 - `scoring / fine-tuning`: `benchmarks/scoring_cost.py`'s measurement, on data/prepared when it exists,
@@ -157,6 +157,7 @@ def child_train(mode: str, steps: int, n_images: int, size: int = 48, batch: int
         from transferlab.core.seeding import seed_everything
         from transferlab.strategies import get_strategy, strategy_config
         from transferlab.training.loop import fit, image_batches
+        from transferlab.training.protocol import TrainRecipe
 
         gen = seed_everything(0)
         strategy = get_strategy("finetune_full")
@@ -176,10 +177,7 @@ def child_train(mode: str, steps: int, n_images: int, size: int = 48, batch: int
             labels,
             image_batches(images[:n_val], norm, "none", gen, cl),
             labels[:n_val],
-            epochs=1,
-            batch_size=batch,
-            patience=1,
-            weight_decay=1e-4,
+            TrainRecipe(epochs=1, batch_size=batch, patience=1, weight_decay=1e-4),
             generator=gen,
             label="bench",
         )
@@ -359,8 +357,8 @@ def main() -> None:
 
     train = {}
     for mode, label in (
-        ("fit", "(a) training.fit, channels_last (the pipeline)"),
-        ("fit_contiguous", "(a') training.fit, default layout"),
+        ("fit", "(a) training.loop.fit, channels_last (the pipeline)"),
+        ("fit_contiguous", "(a') training.loop.fit, default layout"),
         ("naive", "(b) naive ImageFolder+PIL loop"),
         ("bare", "(c) bare fwd+bwd, one batch"),
         ("channels_last", "(d) (c) with channels_last"),

@@ -174,7 +174,7 @@ def create_database(top: Path, db: Path) -> None:
     """Create the shared MLflow database (its migrations) once, before any measured stage."""
     code = (
         "from transferlab.params import TrackingParams\n"
-        "from transferlab.tracking import stage_run\n"
+        "from transferlab.provenance.tracking import stage_run\n"
         f"with stage_run(TrackingParams(uri='sqlite:///{db}', experiment='transferlab'), 'warm-up', {{}}):\n"
         "    pass\n"
     )

@@ -87,7 +87,7 @@ def pipeline_epoch_seconds(
 
 
 def _train_step(model: Any, opt: Any, batches: Any, y: Any, idx: Any) -> None:
-    """One optimizer step on the (augmented) batch `idx`, as `training.fit` takes it."""
+    """One optimizer step on the (augmented) batch `idx`, as `training.loop.fit` takes it."""
     import torch
 
     loss = torch.nn.functional.cross_entropy(model(batches(idx, True)), y[idx])

@@ -34,9 +34,11 @@ def main() -> None:
     # Heavy imports only once the params are known to be good.
     from transferlab.core.device import device_tags, resolve_device
     from transferlab.core.io import write_json, write_text
-    from transferlab.diagnosis import findings as dx
     from transferlab.diagnosis.checks import run_checks
+    from transferlab.diagnosis.findings import summarize
+    from transferlab.diagnosis.inputs import load_context
     from transferlab.provenance.tracking import stage_run
+    from transferlab.reporting.diagnosis_md import to_markdown
 
     read = {
         "seed": params.seed,
@@ -47,70 +49,27 @@ def main() -> None:
         "pretrain": params.pretrain,
         "compare": {"baseline": params.compare.baseline, "confidence": params.compare.confidence},
     }
-    ctx = build_context(args, params)
+    ctx = load_context(
+        params,
+        prepared=args.prepared,
+        selection=args.selection,
+        features_dir=args.features,
+        pretrained_dir=args.pretrained_dir,
+        models_dir=args.models,
+        predictions_dir=args.predictions,
+        history_dir=args.history,
+        train_metrics_dir=args.train_metrics,
+    )
     ctx.device = resolve_device(params.train.device)  # remedy training and forward passes run there
     with stage_run(params.tracking, "diagnose", read, tags=device_tags(ctx.device)):
         import mlflow
 
         findings, run_log = run_checks(ctx)
-        summary = {**dx.summarize(findings), **run_log}
+        summary = {**summarize(findings), **run_log}
         write_json(args.metrics, {"summary": summary, "findings": findings})
-        write_text(args.report, dx.to_markdown(findings, summary))
+        write_text(args.report, to_markdown(findings, summary))
         mlflow.log_metrics({f"{k}.flagged": v["flagged"] for k, v in summary["by_type"].items()})
         mlflow.log_artifact(args.report)
-
-
-def build_context(args, params):
-    """Load the inputs the checks share: data, selection, test predictions aligned on sample ids."""
-    import numpy as np
-    import pandas as pd
-
-    from transferlab.core import layout
-    from transferlab.core.io import read_json
-    from transferlab.data.splits import load_prepared
-    from transferlab.diagnosis.checks import DiagnosisContext
-    from transferlab.diagnosis.checks.domain_shift import load_image_folder
-    from transferlab.params import SourceSpec
-
-    data = load_prepared(args.prepared)
-    sel = read_json(args.selection)
-    pred_dir = Path(args.predictions)
-    names = sorted(params.strategies) + [params.baseline.model]
-    frames = {n: layout.read_predictions(pred_dir / f"{n}.csv") for n in names if (pred_dir / f"{n}.csv").is_file()}
-    ids, y, by_seed = layout.aligned_predictions(frames)
-    preds = {n: v[0] for n, v in by_seed.items()}  # the first training seed: the model the checks load
-    candidates = {}
-    agree_path = pred_dir / "agreement.csv"
-    if agree_path.is_file():
-        agree = pd.read_csv(agree_path)
-        if "sample_id" in agree.columns:
-            agree_ids = agree["sample_id"].to_numpy()
-        else:  # written in the prepared test split's row order
-            agree_ids = data.ids["test"][agree["index"].to_numpy()] if "index" in agree.columns else data.ids["test"]
-        pos = {int(s): i for i, s in enumerate(agree_ids)}
-        rows = np.array([pos[int(s)] for s in ids])
-        candidates = {c: agree[c].to_numpy()[rows] for c in agree.columns if c.startswith("linear_probe:")}
-    dp = params.diagnose
-    ctx = DiagnosisContext(
-        params=params,
-        data=data,
-        selected=sel["selected"],
-        selected_spec=SourceSpec.model_validate(sel["spec"]),
-        features_dir=Path(args.features),
-        pretrained_dir=Path(args.pretrained_dir),
-        models_dir=Path(args.models),
-        history_dir=Path(args.history),
-        train_metrics_dir=Path(args.train_metrics) if args.train_metrics else None,
-        sample_ids=ids,
-        y=y,
-        preds=preds,
-        candidates=candidates,
-    )
-    if dp.source_images is not None:
-        ctx.source_images = load_image_folder(
-            dp.source_images, data.images["train"].shape[1], dp.probe_images, params.seed
-        )
-    return ctx
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ from stages._common import params_or_exit, parser, run_main
 from transferlab.core.device import device_info, device_tags, resolve_device
 from transferlab.core.io import write_json, write_npy
 from transferlab.core.seeding import seed_everything
-from transferlab.data.loaders import SPLITS
 from transferlab.data.splits import load_prepared
-from transferlab.models.inference import extract
+from transferlab.models.features import check_source_reads, extract_splits, source_record
 from transferlab.models.sources import load_source
 from transferlab.params import ParamsError
 from transferlab.provenance.tracking import stage_run
@@ -49,52 +48,22 @@ def main() -> None:
     device = resolve_device(params.train.device)
     data = load_prepared(args.prepared)
     source = load_source(args.source, spec, seed=params.seed, pipeline_dir=args.pretrained_dir)
-    if source.modality != data.modality:
-        raise ParamsError(f"sources.{args.source} reads {source.modality}, but the prepared data are {data.modality}")
-    if source.modality == "text":
-        from transferlab.data.tokenize import load_tokenizer, vocabulary_sha256
-
-        if vocabulary_sha256(load_tokenizer(source.kwargs["tokenizer"])) != data.meta["tokenizer_vocab_sha256"]:
-            raise ParamsError(
-                f"sources.{args.source}: its tokenizer ({source.kwargs['tokenizer']}) has another vocabulary than "
-                f"data.tokenizer ({data.meta['tokenizer']}), so the prepared token ids mean other words to it. "
-                "Compare sources that share a vocabulary in one run, or set data.tokenizer to this source."
-            )
+    check_source_reads(args.source, source, data)
     tags = {"source": args.source, **device_tags(device)}
     with stage_run(params.tracking, f"features@{args.source}", read, tags=tags):
         import mlflow
 
         out = Path(args.out)
-        for split in SPLITS:
-            feats, logits = extract(
-                source.model,
-                data.images[split],
-                source.mean,
-                source.std,
-                with_logits=source.has_classifier,
-                device=device,
-            )
-            write_npy(out / f"{split}_features.npy", feats)
-            if logits is not None:
-                write_npy(out / f"{split}_logits.npy", logits)
+        arrays = extract_splits(source, data, device)
+        for stem, array in arrays.items():
+            write_npy(out / f"{stem}.npy", array)
         size = int(data.images["train"].shape[1])
         source.model.to("cpu")  # the cost profile (FLOPs, CPU latency) is measured on the CPU
         cost, timed = cost_profile(source.model, size, latency_repeats=params.score.latency_repeats)
-        cost["feature_dim"] = int(feats.shape[1])
+        cost["feature_dim"] = int(arrays["train_features"].shape[1])
         write_json(out / "cost.json", cost)
         write_json(args.perf, {**timed, "extract": device_info(device)})
-        write_json(
-            out / "source.json",
-            {
-                "name": source.name,
-                "arch": source.arch,
-                "weights": source.weights,
-                "weights_sha256": source.weights_sha256,
-                "mean": source.mean,
-                "std": source.std,
-                "has_classifier": source.has_classifier,
-            },
-        )
+        write_json(out / "source.json", source_record(source))
         mlflow.log_metrics({**{k: float(v) for k, v in cost.items()}, **timed})
 
 

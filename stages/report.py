@@ -1,8 +1,9 @@
-"""Stage `report`: reports/report.md and reports/report.html, the page a person reads."""
+"""Stage `report`: reports/report.md and reports/report.html, the page a person reads
+(`transferlab.reporting.report`, figures from `transferlab.reporting.figures`); the Model Registry's `champion`
+alias follows the recommendation."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from stages._common import log, params_or_exit, parser, run_main
@@ -27,70 +28,48 @@ def main() -> None:
 
     import tempfile
 
-    import numpy as np
     import pandas as pd
 
-    from transferlab.core import layout
     from transferlab.core.io import read_json, write_text
     from transferlab.provenance.tracking import git_info, register_champion, stage_run
-    from transferlab.reporting.plots import confusion_png, curves_png, gain_png
-    from transferlab.reporting.report import build_sections, to_html, to_markdown
+    from transferlab.reporting.figures import report_figures
+    from transferlab.reporting.report import build_sections, read_train_seconds, to_html, to_markdown
 
-    timings = {
-        f.stem: json.loads(f.read_text()).get("train_seconds_total", 0.0)
-        for f in sorted(Path(args.perf).glob("*.json"))
-    }
-    summary = read_json(args.summary)
-    data = read_json(args.data)
+    summary, data = read_json(args.summary), read_json(args.data)
     sections = build_sections(
         summary,
         read_json(args.score),
         read_json(args.agreement),
         read_json(args.diagnosis),
         data,
-        timings,
+        read_train_seconds(args.perf),
     )
     with stage_run(params.tracking, "report", {}):
         import mlflow
 
         write_text(args.markdown, to_markdown(sections))
         with tempfile.TemporaryDirectory() as tmp:
-            rows = pd.read_csv(args.gain).to_dict("records")
-            pct = round(100 * summary["confidence"])
-            title = f"Test accuracy gain over {summary['baseline']} ({pct}% CI over test samples and seeds)"
-            gain = gain_png(rows, title, Path(tmp) / "gain_over_scratch.png")
-            figures = [gain, *map(Path, args.figures)]
-            curves = {
-                n: {s: h.to_dict("records") for s, h in layout.read_histories(d).items()}
-                for n, d in ((d.name, d) for d in sorted(Path(args.history).iterdir()) if d.is_dir())
-            }
-            if curves:
-                figures.append(curves_png(curves, Path(tmp) / "learning_curves.png"))
-            choice = (summary.get("recommendation") or {}).get("choice")
-            names = list(data["per_class"])
-            index = {c: i for i, c in enumerate(names)}
-            for role, model in (("recommended", choice), ("scratch", summary["baseline"])):
-                conf_csv = Path(args.confusion) / f"{model}.csv"
-                if not model or not conf_csv.is_file() or (role == "scratch" and model == choice):
-                    continue
-                conf = pd.read_csv(conf_csv)
-                matrix = np.zeros((len(names), len(names)), dtype=int)
-                np.add.at(matrix, (conf["actual"].map(index), conf["predicted"].map(index)), 1)
-                png = Path(tmp) / f"confusion_{role}.png"
-                figures.append(confusion_png(matrix, names, f"{model}: test confusion (all seeds)", png))
+            gain_rows = pd.read_csv(args.gain).to_dict("records")
+            figures = report_figures(
+                summary,
+                list(data["per_class"]),
+                gain_rows,
+                figures=args.figures,
+                history_dir=args.history,
+                confusion_dir=args.confusion,
+                out_dir=Path(tmp),
+            )
             write_text(args.html, to_html(sections, figures))
         mlflow.log_artifact(args.markdown)
         mlflow.log_artifact(args.html)
-    # The Model Registry's `champion` alias follows the recommendation (a side effect, like the MLflow runs).
-    choice = (summary.get("recommendation") or {}).get("choice")
-    if choice in params.strategies:
+    # The Model Registry's `champion` alias follows the recommendation (a side effect, like the MLflow runs);
+    # the classical baseline is no trained model to register.
+    rec = summary.get("recommendation") or {}
+    choice = rec.get("choice")
+    if choice and not rec.get("classical_baseline_wins"):
         row = summary["strategies"][choice]
-        tags = {
-            "commit": git_info().get("git_commit", ""),
-            "test_accuracy": str(row["test_accuracy"]),
-            "val_accuracy": str(row["val_accuracy"]),
-            "macro_f1": str(row["macro_f1"]),
-        }
+        tags = {"commit": git_info().get("git_commit", "")}
+        tags |= {k: str(row[k]) for k in ("test_accuracy", "val_accuracy", "macro_f1")}
         reg = register_champion(params.tracking, choice, tags)
         if reg:
             log.info("model registry: %s version %s is now '%s'", reg["name"], reg["version"], "champion")

@@ -18,7 +18,7 @@ from transferlab.models.inference import extract
 from transferlab.models.sources import load_source
 from transferlab.params import SourceSpec
 from transferlab.strategies import get_strategy, strategy_config
-from transferlab.training.protocol import train_strategy
+from transferlab.training.protocol import TrainRecipe, train_strategy
 
 EPOCHS = int(os.environ.get("DDP_EPOCHS", 4))
 CONFIGS = {
@@ -56,11 +56,7 @@ def run(out: Path, names: list[str]) -> None:
             images,
             labels,
             3,
-            epochs=EPOCHS,
-            batch_size=10,
-            patience=EPOCHS,
-            weight_decay=1e-4,
-            augment="crop_flip",
+            TrainRecipe(epochs=EPOCHS, batch_size=10, patience=EPOCHS, weight_decay=1e-4, augment="crop_flip"),
             seed=0,
             generator=gen,
             features=features,

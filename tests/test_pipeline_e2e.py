@@ -122,14 +122,13 @@ def test_mlflow_holds_one_finished_run_per_stage(repo):
 
 
 def test_a_killed_training_stage_loses_nothing_and_reruns_identically(repo):
-    """`kill -9` of DVC and train@finetune_top at a seeded moment inside its MLflow run (benchmarks/faults.py
+    """`kill -9` of DVC and train@finetune_top at a seeded moment inside its MLflow run (tests/faults.py
     does every kind of stage): the killed run is left RUNNING; `dvc checkout` brings the previous models back
     from the cache without computing; `dvc repro` then reproduces every output byte for byte, and the killed
     run ends up KILLED, none RUNNING. Last in this module: it adds runs to the MLflow database."""
     import random
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from faults import kill_inside, running_runs, snapshot, statuses
+    from faults import kill_inside, running_runs, snapshot, statuses  # tests/faults.py, beside tiny_repo
 
     reference = snapshot(repo)
     kill = kill_inside(repo, "train@finetune_top", delay=round(random.Random(0).uniform(0.0, 0.1), 2))

@@ -204,7 +204,8 @@ ray.shutdown()
 DRIVER = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-from transferlab.tuning import SearchSpace, tune_ray
+from transferlab.tuning.ray_backend import tune_ray
+from transferlab.tuning.space import SearchSpace
 def objective(config, report):
     return config["x"]
 res = tune_ray(objective, SearchSpace.from_dict({"x": {"low": 0.0, "high": 1.0}}), n_trials=3, seed=0,

@@ -14,7 +14,7 @@ from transferlab.models.inference import extract, predict_logits, to_input
 from transferlab.models.sources import count_params
 from transferlab.strategies import STRATEGIES, get_strategy, strategy_config
 from transferlab.training.loop import DivergenceError
-from transferlab.training.protocol import train_strategy
+from transferlab.training.protocol import TrainRecipe, train_strategy
 
 ALL = sorted(STRATEGIES)
 
@@ -38,11 +38,7 @@ def _train(name, tiny_source, tiny_data, seed=0, **overrides):
         tiny_data["images"],
         tiny_data["labels"],
         3,
-        epochs=cfg.epochs,
-        batch_size=8,
-        patience=1,
-        weight_decay=0.0,
-        augment="crop_flip",
+        TrainRecipe(epochs=cfg.epochs, batch_size=8, patience=1, weight_decay=0.0, augment="crop_flip"),
         seed=seed,
         generator=gen,
         features=features,
@@ -145,11 +141,7 @@ def test_diverging_loss_is_a_clear_error(tiny_source, tiny_data):
             tiny_data["images"],
             tiny_data["labels"],
             3,
-            epochs=1,
-            batch_size=8,
-            patience=1,
-            weight_decay=0.0,
-            augment="none",
+            TrainRecipe(epochs=1, batch_size=8, patience=1, weight_decay=0.0),
             seed=0,
             generator=seed_everything(0),
             features={"train": bad, "val": bad[:12]},
@@ -170,7 +162,7 @@ def test_lora_adapter_is_small_and_holds_the_head(tiny_source, tiny_data, tmp_pa
 
 _SAVE_LORA = """
 import sys, torch
-from transferlab.backbones import load_source
+from transferlab.models.sources import load_source
 from transferlab.params import SourceSpec
 from transferlab.strategies import get_strategy, strategy_config
 torch.manual_seed(0)

@@ -81,7 +81,7 @@ def test_champion_alias_follows_the_recommendation_and_keeps_its_history(tmp_pat
 _CHILD = """
 import os, signal, sys
 from transferlab.params import TrackingParams
-from transferlab.tracking import stage_run
+from transferlab.provenance.tracking import stage_run
 tracking = TrackingParams(uri=sys.argv[1], experiment="t")
 with stage_run(tracking, "train@" + sys.argv[2], {}) as run:
     print(run.info.run_id, flush=True)
@@ -172,7 +172,7 @@ _RACER = """
 import os, sys, time
 from pathlib import Path
 from transferlab.params import TrackingParams
-from transferlab.tracking import stage_run
+from transferlab.provenance.tracking import stage_run
 while not Path(sys.argv[2]).exists():
     time.sleep(0.005)
 with stage_run(TrackingParams(uri=sys.argv[1], experiment="race"), "stage" + sys.argv[3], {}):

@@ -14,7 +14,7 @@ from torch import nn
 from transferlab.core.seeding import seed_everything
 from transferlab.strategies import get_strategy, strategy_config
 from transferlab.training.loop import fit, tensor_batches, training_failure
-from transferlab.training.protocol import train_protocol
+from transferlab.training.protocol import TrainRecipe, train_protocol
 
 
 def _blobs(n_per_class: int, d: int, sep: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,10 +37,7 @@ def _fit(x, y, xv, yv, epochs, patience, lr=0.05):
         y,
         tensor_batches(xv),
         yv,
-        epochs=epochs,
-        batch_size=16,
-        patience=patience,
-        weight_decay=0.0,
+        TrainRecipe(epochs=epochs, batch_size=16, patience=patience, weight_decay=0.0),
         generator=torch.Generator().manual_seed(0),
     )
 
@@ -96,14 +93,15 @@ def test_protocol_picks_the_rate_on_validation_and_trains_every_seed(tiny_source
         no_test["images"],
         no_test["labels"],
         3,
-        seeds=[0, 1],
-        lr_grid=[0.01, 1.0, 1e30],  # 1e29: the loss explodes (diverges or never falls)
-        lr_search_epochs=3,
-        epochs=4,
-        batch_size=8,
-        patience=2,
-        weight_decay=0.0,
-        augment="none",
+        TrainRecipe(
+            seeds=(0, 1),
+            lr_grid=(0.01, 1.0, 1e30),  # 1e30: the loss explodes (diverges or never falls)
+            lr_search_epochs=3,
+            epochs=4,
+            batch_size=8,
+            patience=2,
+            weight_decay=0.0,
+        ),
         features=tiny_features,
         label="probe",
     )
@@ -127,15 +125,16 @@ def test_a_best_rate_on_the_grid_edge_extends_the_grid(tiny_source, tiny_data, t
         tiny_data["images"],
         tiny_data["labels"],
         3,
-        seeds=[0],
-        lr_grid=[1e-5, 1e-4],
-        lr_search_epochs=2,
-        lr_grid_extend=1,
-        epochs=2,
-        batch_size=8,
-        patience=2,
-        weight_decay=0.0,
-        augment="none",
+        TrainRecipe(
+            seeds=(0,),
+            lr_grid=(1e-5, 1e-4),
+            lr_search_epochs=2,
+            lr_grid_extend=1,
+            epochs=2,
+            batch_size=8,
+            patience=2,
+            weight_decay=0.0,
+        ),
         features=tiny_features,
         label="probe",
     )
@@ -162,14 +161,9 @@ def test_channels_last_trains_reproducibly_and_hands_back_a_saveable_model(tiny_
             tiny_data["images"],
             tiny_data["labels"],
             3,
-            epochs=1,
-            batch_size=8,
-            patience=1,
-            weight_decay=0.0,
-            augment="crop_flip",
+            TrainRecipe(epochs=1, batch_size=8, patience=1, weight_decay=0.0, augment="crop_flip", channels_last=True),
             seed=0,
             generator=torch.Generator().manual_seed(0),
-            channels_last=True,
         )
 
     a, b = run(), run()

@@ -18,7 +18,7 @@ from transferlab.core.seeding import seed_everything
 from transferlab.models.inference import extract
 from transferlab.params import ParamsError
 from transferlab.strategies import get_strategy, strategy_config
-from transferlab.training.protocol import train_strategy
+from transferlab.training.protocol import TrainRecipe, train_strategy
 from transferlab.tuning.objective import ReportingStrategy
 from transferlab.tuning.optuna_backend import tune
 from transferlab.tuning.space import SearchSpace, TuningError, validate_space
@@ -187,11 +187,7 @@ def _fit(strategy, cfg, tiny_source, tiny_data, epochs=2, features=None):
         tiny_data["images"],
         tiny_data["labels"],
         3,
-        epochs=epochs,
-        batch_size=8,
-        patience=epochs,
-        weight_decay=0.0,
-        augment="crop_flip",
+        TrainRecipe(epochs=epochs, batch_size=8, patience=epochs, weight_decay=0.0, augment="crop_flip"),
         seed=0,
         generator=seed_everything(0),
         features=features,
@@ -285,8 +281,13 @@ def test_tune_params_defaults_and_cross_checks():
         parse_params(_params(strategies=["linear_probe"], space={"linear_probe": {"lr": {"low": 1.0, "high": 0.1}}}))
     with pytest.raises(ParamsError, match=r"strategies.linear_probe.rank: unknown key"):
         parse_params(_params(strategies=["linear_probe"], space={"linear_probe": {"rank": {"choices": [2, 4]}}}))
-    # A space for a strategy that is not tuned is an example kept for later: accepted, checked once tuned.
-    assert parse_params(_params(space={"lin_probe": {"lr": {"low": 1e-4, "high": 1.0}}})).tune.space
+    # A space for a strategy that is not tuned this run is still checked whole: a typo in it fails now, not
+    # on the day the strategy is added to tune.strategies.
+    assert parse_params(_params(space={"lora": {"lr": {"low": 1e-4, "high": 1.0}}})).tune.space
+    with pytest.raises(ParamsError, match=r"tune.space.lin_probe: .*unknown strategy kind 'lin_probe'"):
+        parse_params(_params(space={"lin_probe": {"lr": {"low": 1e-4, "high": 1.0}}}))
+    with pytest.raises(ParamsError, match=r"tune.space.lora: .*rnak"):
+        parse_params(_params(space={"lora": {"rnak": {"choices": [2, 4]}}}))
     with pytest.raises(ParamsError, match=r"tune.storage: .*MLflow's database"):
         parse_params(_params(storage="sqlite:///mlflow.db"))
     with pytest.raises(ParamsError, match=r"tune.n_trials"):

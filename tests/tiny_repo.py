@@ -1,7 +1,7 @@
 """A tiny image project for end-to-end runs: the real dvc.yaml, stages and library in a temporary git + DVC
 repository, three classes of 24 px synthetic images, three candidates (real packaged ImageNet weights, timm's
 hub code path reading a local file, a random control) and one-or-two-epoch budgets. Used by
-tests/test_pipeline_e2e.py and benchmarks/faults.py; its pieces (the image folder, the inputs of a single
+tests/test_pipeline_e2e.py and tests/faults.py; its pieces (the image folder, the inputs of a single
 train@ / tune@ stage) by the tests that run one stage."""
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def write_stage_inputs(root: Path, images: dict, labels: dict, class_names: list
 
 def build(repo: Path, train_device: str | None = None) -> Path:
     """Lay out the tiny project in `repo` (git init, dvc init); nothing is run yet. `train_device` overrides
-    `train.device` (benchmarks/gpu_check.py: cuda)."""
+    `train.device` (tests/gpu/gpu_check.py: cuda)."""
     import timm
     import torch
 

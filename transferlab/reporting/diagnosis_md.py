@@ -1,4 +1,5 @@
-"""TODO docstring: reporting.diagnosis_md."""
+"""The diagnosis as Markdown (`reports/diagnosis.md`): findings in report order, each with its evidence,
+severity and remedy, and the remedies' before/after numbers."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from pathlib import Path
 
 # What each figure shows, for people (not its file name).
@@ -24,6 +25,13 @@ def _pct(v: float | None) -> str:
 
 def _pp(g: dict) -> str:
     return f"{100 * g['gain']:+.1f} pp [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}]"
+
+
+def read_train_seconds(perf_dir: str | Path) -> dict[str, float]:
+    """strategy -> total training seconds over its seeds (`train_seconds_total` of perf/train/<strategy>.json)."""
+    return {
+        f.stem: json.loads(f.read_text()).get("train_seconds_total", 0.0) for f in sorted(Path(perf_dir).glob("*.json"))
+    }
 
 
 def build_sections(

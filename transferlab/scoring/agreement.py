@@ -18,10 +18,22 @@ Two guards keep the verdicts honest:
 
 from __future__ import annotations
 
+import copy
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.stats import spearmanr, weightedtau
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from transferlab.data.splits import Prepared
+    from transferlab.params import Params
+    from transferlab.strategies import StrategyConfig
+    from transferlab.training.protocol import TrainRecipe
 
 TOO_FEW = "too few candidates to judge"
 
@@ -314,3 +326,159 @@ def plain_summary(
         f"95% CI {r['weighted_tau_ci'][0]:.2f} to {r['weighted_tau_ci'][1]:.2f}, verdict {r['verdict']})."
         f"{useful_txt}{base_txt}{weak_txt}{noise}{tail}"
     )
+
+
+# --- the agreement stage: train every candidate, then correlate ----------------------------------------------
+
+
+def agreement_recipes(params: Params, device: Any = None) -> dict[str, tuple[StrategyConfig, TrainRecipe]]:
+    """recipe -> (strategy config, training recipe) of the ground truth, each from `build_recipe`.
+
+    `linear_probe`: train@linear_probe's entry (`strategies.linear_probe`, its defaults when absent or of
+    another kind) and recipe, so there is one linear-probe number per candidate and seed. `short_finetune`
+    (only when `agreement.finetune_epochs` > 0): `agreement.finetune` at that epoch budget.
+    """
+    from transferlab.strategies import strategy_config
+    from transferlab.training.protocol import build_recipe
+
+    raw = params.strategies.get("linear_probe") or {}
+    if raw.get("kind", "linear_probe") != "linear_probe":
+        raw = {}
+    probe = strategy_config("linear_probe", raw)
+    recipes = {"linear_probe": (probe, build_recipe(params.train, probe, device=device))}
+    ap = params.agreement
+    if ap.finetune_epochs > 0:
+        ft = strategy_config("agreement.finetune", ap.finetune)
+        recipes["short_finetune"] = (ft, build_recipe(params.train, ft, device=device, epochs=ap.finetune_epochs))
+    return recipes
+
+
+def train_candidates(
+    params: Params,
+    data: Prepared,
+    names: list[str],
+    recipes: dict[str, tuple[StrategyConfig, TrainRecipe]],
+    features_root: str | Path,
+    pretrained_dir: str | Path,
+) -> dict[str, dict[str, list[dict]]]:
+    """Train every candidate source with every recipe under the shared protocol (`train_protocol`).
+
+    Returns:
+        recipe -> candidate -> [{'seed', 'pred' (test predictions), 'converged', 'epochs_run'}] per seed.
+        Training and test predictions run on each recipe's device.
+    """
+    import torch
+
+    from transferlab.models.inference import predict_images
+    from transferlab.models.sources import load_source
+    from transferlab.scoring.selection import load_cache
+    from transferlab.strategies import get_strategy
+    from transferlab.training.protocol import train_protocol
+
+    out: dict = {r: {} for r in recipes}
+    for name in names:
+        feats = {s: load_cache(Path(features_root) / name, s)[0] for s in ("train", "val", "test")}
+        # The source's identity is fixed (features@ used params.seed); training seeds vary the runs only.
+        source = load_source(name, params.sources[name], seed=params.seed, pipeline_dir=pretrained_dir)
+        for recipe_name, (cfg, recipe) in recipes.items():
+            strategy = get_strategy(cfg.kind)
+            result = train_protocol(
+                strategy,
+                cfg,
+                lambda source=source: copy.deepcopy(source),
+                data.images,
+                data.labels,
+                data.num_classes,
+                recipe,
+                features=feats if strategy.uses_features else None,
+                label=f"agreement:{recipe_name}:{name}",
+            )
+            runs = []
+            for seed, res in sorted(result.runs.items()):
+                if strategy.uses_features:  # the head on the cached test features of the same frozen backbone
+                    with torch.no_grad():
+                        logits = res.model.get_classifier()(
+                            torch.from_numpy(np.ascontiguousarray(feats["test"], np.float32))
+                        )
+                else:
+                    logits = predict_images(
+                        res.model, data.images["test"], source.mean, source.std, device=recipe.device
+                    )
+                runs.append(
+                    {
+                        "seed": seed,
+                        "pred": logits.argmax(1).numpy(),
+                        "converged": bool(res.converged) and seed not in result.failures,
+                        "epochs_run": len(res.history),
+                    }
+                )
+            out[recipe_name][name] = runs
+    return out
+
+
+@dataclass
+class AgreementResult:
+    """What the agreement stage writes."""
+
+    predictions: pd.DataFrame  # per-sample test predictions of every recipe x candidate (x seed)
+    metrics: dict  # metrics/agreement.json
+    plot: pd.DataFrame  # estimate against achieved test accuracy, per recipe, estimator and candidate
+
+
+def closing_the_loop(
+    params: Params,
+    data: Prepared,
+    score: dict,
+    recipes: dict[str, tuple[StrategyConfig, TrainRecipe]],
+    features_root: str | Path,
+    pretrained_dir: str | Path,
+) -> AgreementResult:
+    """Train every candidate of `sources` with the ground-truth `recipes` (`agreement_recipes`) and check how
+    well each transferability estimate of `score` (metrics/score.json) predicted the achieved test accuracy,
+    beside the data-free rankings (`recipe_agreement` per recipe).
+
+    Returns:
+        AgreementResult: the predictions table, the metrics and the plot table.
+    """
+    import pandas as pd
+
+    ap = params.agreement
+    names = sorted(params.sources)
+    runs = train_candidates(params, data, names, recipes, features_root, pretrained_dir)
+    y_test = data.labels["test"]
+    table = pd.DataFrame({"y_true": y_test})
+    for recipe, by_name in runs.items():
+        for n, seed_runs in by_name.items():
+            for i, r in enumerate(seed_runs):  # the first seed keeps the plain column name (diagnose reads it)
+                table[f"{recipe}:{n}" if i == 0 else f"{recipe}@seed{r['seed']}:{n}"] = r["pred"]
+    data_free = data_free_rankings(names, score["candidates"], ap.imagenet_top1)
+    estimates = {e: {n: score["candidates"][n].get(e) for n in names} for e in params.score.estimators}
+    out: dict = {"candidates": names, "data_free_rankings": data_free, "recipes": {}}
+    rows = []
+    for recipe, by_name in runs.items():
+        correct = {n: np.stack([r["pred"] == y_test for r in rs]) for n, rs in by_name.items()}
+        not_converged = [n for n, rs in by_name.items() if not all(r["converged"] for r in rs)]
+        result = recipe_agreement(
+            estimates,
+            correct,
+            data_free,
+            recipe=recipe,
+            not_converged=not_converged,
+            n_bootstrap=ap.n_bootstrap,
+            seed=params.seed,
+            min_candidates=ap.min_candidates,
+        )
+        result["epochs_run"] = {n: [r["epochs_run"] for r in rs] for n, rs in sorted(by_name.items())}
+        out["recipes"][recipe] = result
+        for est, values in [*estimates.items(), *((f"{k} (data-free)", v) for k, v in data_free.items())]:
+            for n in names:
+                rows.append(
+                    {
+                        "recipe": recipe,
+                        "estimator": est,
+                        "candidate": n,
+                        "estimate": values[n],
+                        "test_accuracy": result["test_accuracy"][n],
+                    }
+                )
+    return AgreementResult(predictions=table, metrics=out, plot=pd.DataFrame(rows))

@@ -6,6 +6,9 @@ A `strategies.<name>` entry in params picks its strategy by `kind` (default: the
 The registry is lazy: `transferlab/strategies/<name>.py` holds the strategy `<name>`, and its module is
 imported the first time that strategy is asked for. Validating params therefore imports only the strategies
 the params name, and none of them imports torch at module level (see `base.py`).
+
+Layer: above `models`. May import `params`, `core`, `data` and `models`; never `training` or above (the
+training loop calls strategies, not the other way round).
 """
 
 from __future__ import annotations

@@ -10,13 +10,15 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from transferlab.core.io import read_json, save_torch, write_json
 from transferlab.models.sources import SourceModel, with_new_head
+from transferlab.params import SourceSpec
 
 if TYPE_CHECKING:
     import torch
@@ -94,6 +96,32 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A network a strategy needs fine-tuned on the run's target data before its own model trains (a
+    distillation teacher), as `Strategy.teacher_spec` declares it.
+
+    The strategy says what and for how long; the training layer trains it, with the run's recipe (batch size,
+    weight decay, augmentation, schedule, device) at this fixed budget, so the helper and the model it helps
+    are trained the same way.
+    """
+
+    source: SourceSpec  # the teacher's source network
+    kind: str  # the registered strategy it is fine-tuned with (e.g. finetune_full)
+    config: dict[str, Any] = field(default_factory=dict)  # that strategy's config entry (lr, ...)
+    epochs: int = 1  # a fixed budget: the epoch cap and the patience
+    label: str = "teacher"  # progress bars and errors
+
+
+@dataclass
+class Teacher:
+    """The helper network `TeacherSpec` asked for, trained for one run by the training layer."""
+
+    model: nn.Module  # the fine-tuned network (on the CPU, eval mode)
+    source: SourceModel  # its source (preprocessing: mean, std)
+    val_accuracy: float  # its best validation accuracy on the target
+
+
 def freeze_all(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
@@ -107,8 +135,13 @@ def head_names(model: nn.Module) -> list[str]:
 class Strategy:
     """Base class. Subclasses set `name`, `Config` and `summary`, and override what differs.
 
-    Life cycle in `training.train_strategy`: `build` -> per epoch `on_epoch_start`, `set_train_mode`, steps
-    with `param_groups` -> `save`; `load` rebuilds the trained model for evaluation.
+    Life cycle in `training.protocol.train_strategy`: (the training layer trains the `teacher_spec` network,
+    if any) -> `start_run` -> `build` -> per epoch `on_epoch_start`, `set_train_mode`, steps with
+    `param_groups`, `loss` -> `save`; `load` rebuilds the trained model for evaluation.
+
+    A registered strategy is one shared instance, like a scikit-learn estimator's class: it keeps no
+    per-run state. What one run needs (a teacher, constants) is the value `start_run` returns, which the
+    training layer passes back to `loss` and `move_to` as `state`.
     """
 
     name: ClassVar[str] = ""
@@ -117,6 +150,17 @@ class Strategy:
     uses_features: ClassVar[bool] = False  # trains on the features cache instead of images
     pretrained: ClassVar[bool] = True  # False: starts from random weights (scratch)
     modalities: ClassVar[tuple[str, ...]] = ("image", "text")  # what it can train on (a params check)
+
+    def teacher_spec(self, cfg: StrategyConfig) -> TeacherSpec | None:
+        """A network the training layer must fine-tune on the run's data before this strategy's model
+        trains (distillation's teacher), or None (the default)."""
+        return None
+
+    def start_run(self, source: SourceModel, cfg: StrategyConfig, teacher: Teacher | None) -> Any:
+        """The per-run state this strategy needs beside its model (default: None), made once per run before
+        `build`; `teacher` is the trained network `teacher_spec` asked for. The training layer passes the
+        value back to `loss` and `move_to`; nothing is kept on this shared instance."""
+        return None
 
     def build(self, source: SourceModel, num_classes: int, cfg: StrategyConfig, seed: int) -> nn.Module:
         """The source network with a new `num_classes` head and the right parameters trainable."""
@@ -130,9 +174,15 @@ class Strategy:
         `train_inputs(indices, augment)` builds a normalised input batch."""
 
     def loss(
-        self, logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor, cfg: StrategyConfig
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        inputs: torch.Tensor,
+        cfg: StrategyConfig,
+        state: Any = None,
     ) -> torch.Tensor:
-        """The training loss of one batch (cross-entropy; distillation adds the teacher's soft targets)."""
+        """The training loss of one batch (cross-entropy; distillation adds the teacher's soft targets).
+        `state` is what `start_run` returned for this run."""
         import torch
 
         return torch.nn.functional.cross_entropy(logits, targets)
@@ -146,10 +196,10 @@ class Strategy:
     ) -> None:
         """Hook for schedules that change what trains (gradual unfreezing)."""
 
-    def move_to(self, model: nn.Module, device: torch.device) -> None:
-        """Move what the strategy keeps outside the model's parameters and buffers (L2-SP's reference
-        weights, a distillation teacher) to `device`. `fit` calls it after moving the model; `train_strategy`
-        calls it with the CPU when it hands the model back."""
+    def move_to(self, model: nn.Module, device: torch.device, state: Any = None) -> None:
+        """Move what a run keeps outside the model's parameters and buffers (L2-SP's reference weights on the
+        model, a distillation teacher in `state`, what `start_run` returned) to `device`. `fit` calls it after
+        moving the model; `train_strategy` calls it with the CPU when it hands the model back."""
 
     def set_train_mode(self, model: nn.Module) -> None:
         """Train mode, except BatchNorm layers whose affine params are frozen: their running statistics

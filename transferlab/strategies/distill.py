@@ -2,21 +2,34 @@
 the selected (smaller) source.
 
 Honest about its cost: the teacher is fine-tuned first (`finetune_full` on the teacher source for
-`teacher_epochs`), inside this strategy, so the stage trains two networks. The student then trains on
-`alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T)` with the teacher in eval mode on the
-same (augmented) batch. Only the student is saved: what you deploy is the small model.
+`teacher_epochs`, by the training layer with the run's own recipe: see `teacher_spec`), so the stage trains
+two networks. The student then trains on `alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher_T ||
+student_T)` with the teacher in eval mode on the same (augmented) batch. Only the student is saved: what you
+deploy is the small model.
+
+Stateless, like every registered strategy: the trained teacher and the normalisation constants of a run
+live in the `DistillState` that `start_run` returns, which travels in the call to `loss` and `move_to`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from transferlab.models.sources import SourceModel, load_source, with_new_head
+from transferlab.models.sources import SourceModel, with_new_head
 from transferlab.params import SourceSpec
-from transferlab.strategies.base import Strategy, StrategyConfig, head_names, register_strategy
+from transferlab.strategies.base import (
+    Strategy,
+    StrategyConfig,
+    Teacher,
+    TeacherSpec,
+    head_names,
+    register_strategy,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +51,16 @@ class DistillConfig(StrategyConfig):
     backbone_lr_mult: float = Field(0.3, gt=0, le=1, description="student backbone lr = lr * this")
 
 
+@dataclass
+class DistillState:
+    """One run's teacher and the constants that turn a student batch into a teacher batch."""
+
+    teacher: Callable[[torch.Tensor], torch.Tensor]  # the frozen teacher network (eval mode)
+    # (student mean, student std, teacher mean, teacher std), each (1, 3, 1, 1), on the teacher's device
+    norm: tuple[torch.Tensor, ...]
+    teacher_val_accuracy: float
+
+
 @register_strategy
 class Distill(Strategy):
     name = "distill"
@@ -45,65 +68,42 @@ class Distill(Strategy):
     summary = "student fine-tuned on labels + a fine-tuned larger teacher's soft targets"
     Config = DistillConfig
 
-    def __init__(self) -> None:
-        self.teacher: nn.Module | None = None
-        self._device: torch.device | None = None  # where the teacher trains; None: the CPU
+    def teacher_spec(self, cfg: DistillConfig) -> TeacherSpec:
+        """Full fine-tuning of `cfg.teacher` at `teacher_lr` (every layer at that rate) for `teacher_epochs`."""
+        return TeacherSpec(
+            source=cfg.teacher,
+            kind="finetune_full",
+            config={"lr": cfg.teacher_lr, "backbone_lr_mult": 1.0},
+            epochs=cfg.teacher_epochs,
+            label="distill:teacher",
+        )
 
-    def build(self, source: SourceModel, num_classes: int, cfg: DistillConfig, seed: int) -> nn.Module:
+    def start_run(self, source: SourceModel, cfg: DistillConfig, teacher: Teacher | None) -> DistillState:
+        """Freeze the run's teacher; teacher and student may normalise differently, so keep the constants that
+        convert the student's batch for the teacher (on the teacher's device; `move_to` moves both)."""
         import torch
 
-        from transferlab.strategies import get_strategy, strategy_config
-
-        # Imported here: training imports the strategy registry.
-        from transferlab.training.loop import fit, image_batches
-
-        teacher_source = load_source("teacher", cfg.teacher, seed=seed)
-        ft = get_strategy("finetune_full")
-        ft_cfg = strategy_config("teacher", {"kind": "finetune_full", "lr": cfg.teacher_lr, "backbone_lr_mult": 1.0})
-        teacher = ft.build(teacher_source, num_classes, ft_cfg, seed)
-        images, labels = self._data
-        gen = torch.Generator().manual_seed(seed)
-        result = fit(
-            teacher,
-            ft,
-            ft_cfg,
-            image_batches(images["train"], teacher_source, "crop_flip", gen),
-            labels["train"],
-            image_batches(images["val"], teacher_source, "none", gen),
-            labels["val"],
-            epochs=cfg.teacher_epochs,
-            batch_size=32,
-            patience=cfg.teacher_epochs,
-            weight_decay=1e-4,
-            generator=gen,
-            label="distill:teacher",
-            device=self._device,
-        )
-        log.info("teacher %s: best val accuracy %.4f", cfg.teacher.arch, result.best_val_accuracy)
-        self.teacher_val_accuracy = result.best_val_accuracy
-        self.teacher = result.model.eval()
-        for p in self.teacher.parameters():
+        if teacher is None:
+            raise ValueError("distill: no teacher was trained for this run (the training layer calls teacher_spec)")
+        log.info("teacher %s: best val accuracy %.4f", cfg.teacher.arch, teacher.val_accuracy)
+        model = teacher.model.eval()
+        for p in model.parameters():
             p.requires_grad_(False)
-        # Teacher and student may normalise differently: convert the student's batch for the teacher.
-        # Kept on the teacher's device (the student's: both train on the device `set_data` named).
-        device = next(self.teacher.parameters()).device
-        self._norm = tuple(
+        device = next(model.parameters()).device
+        norm = tuple(
             torch.tensor(v).view(1, 3, 1, 1).to(device)
-            for v in (source.mean, source.std, teacher_source.mean, teacher_source.std)
+            for v in (source.mean, source.std, teacher.source.mean, teacher.source.std)
         )
+        return DistillState(teacher=model, norm=norm, teacher_val_accuracy=teacher.val_accuracy)
+
+    def build(self, source: SourceModel, num_classes: int, cfg: DistillConfig, seed: int) -> nn.Module:
         return with_new_head(source.model, num_classes, seed)
 
-    def set_data(self, images: dict, labels: dict, device: torch.device | None = None) -> None:
-        """The target splits the teacher trains on, and the device it trains on (default: the CPU); called
-        by `train_strategy` before `build`."""
-        self._data = (images, labels)
-        self._device = device
-
-    def move_to(self, model: nn.Module, device: torch.device) -> None:
-        """The teacher and its normalisation constants follow the student."""
-        if self.teacher is not None:
-            self.teacher.to(device)
-            self._norm = tuple(t.to(device) for t in self._norm)
+    def move_to(self, model: nn.Module, device: torch.device, state: DistillState | None = None) -> None:
+        """The run's teacher and its normalisation constants follow the student."""
+        if state is not None:
+            state.teacher.to(device)
+            state.norm = tuple(t.to(device) for t in state.norm)
 
     def param_groups(self, model: nn.Module, cfg: DistillConfig) -> list[dict]:
         heads = set(head_names(model))
@@ -113,17 +113,24 @@ class Distill(Strategy):
         ]
 
     def loss(
-        self, logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor, cfg: DistillConfig
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        inputs: torch.Tensor,
+        cfg: DistillConfig,
+        state: DistillState | None = None,
     ) -> torch.Tensor:
+        """The hard-label cross-entropy mixed with the teacher's soft targets (the plain cross-entropy when
+        there is no run state, e.g. a model evaluated outside training)."""
         import torch
         import torch.nn.functional as F
 
         hard = F.cross_entropy(logits, targets)
-        if self.teacher is None:
+        if state is None:
             return hard
-        s_mean, s_std, t_mean, t_std = self._norm
+        s_mean, s_std, t_mean, t_std = state.norm
         with torch.no_grad():
-            teacher_logits = self.teacher((inputs * s_std + s_mean - t_mean) / t_std)
+            teacher_logits = state.teacher((inputs * s_std + s_mean - t_mean) / t_std)
         t = cfg.temperature
         soft = (
             F.kl_div(

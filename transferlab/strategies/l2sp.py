@@ -15,7 +15,7 @@ effective pull toward w0 is not the paper's; alpha values tuned for the paper's 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -65,7 +65,7 @@ class L2sp(Strategy):
             {"params": head, "lr": cfg.lr, "weight_decay": 0.0},
         ]
 
-    def move_to(self, model: nn.Module, device: torch.device) -> None:
+    def move_to(self, model: nn.Module, device: torch.device, state: Any = None) -> None:
         """The reference weights follow the model (not a buffer, so `model.to` does not move them)."""
         reference = getattr(model, REFERENCE_ATTR, None)
         if reference is not None:

@@ -68,6 +68,7 @@ def pretrain(
     from transferlab.models.inference import predict_logits
     from transferlab.strategies.base import Strategy, StrategyConfig
     from transferlab.training.loop import fit, image_batches
+    from transferlab.training.protocol import TrainRecipe
 
     data_params = DataParams(
         dataset=spec.dataset,
@@ -91,10 +92,8 @@ def pretrain(
         splits["train"]["labels"],
         image_batches(splits["val"]["images"], norm, "none", generator),
         splits["val"]["labels"],
-        epochs=spec.epochs,
-        batch_size=spec.batch_size,
-        patience=spec.epochs,
-        weight_decay=1e-4,
+        # A fixed budget of `spec.epochs` on the CPU, the loop's default schedule; weight decay as train@'s default.
+        TrainRecipe(epochs=spec.epochs, batch_size=spec.batch_size, patience=spec.epochs, weight_decay=1e-4),
         generator=generator,
         label=label,
     )

@@ -1,22 +1,165 @@
-"""TODO docstring: training.protocol."""
+"""The one training recipe and protocol behind every trained number (train@, tune@, agreement, diagnosis).
+
+* `TrainRecipe`: how a run trains (epoch cap, batch size, plateau, schedule, augmentation, learning-rate
+  search, seeds, device), and `build_recipe`, the one place it is made from params `train` and a
+  strategy's config. A second hand-made copy is how tune@ once trained without the pipeline's schedule.
+* `train_strategy`: one run: the strategy's helper networks (a distillation teacher) trained with the same
+  recipe, its per-run state, its model built from the source, trained by `fit` on images or on the features
+  cache, and handed back on the CPU.
+* `train_protocol`: the learning rate chosen on validation (`search_learning_rate`), then one run per
+  training seed (`train_seeds`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from transferlab.core.device import as_device
-from transferlab.models.sources import SourceModel, count_params
-from transferlab.strategies import Strategy, StrategyConfig
+from transferlab.core.seeding import seed_everything
+from transferlab.models.sources import SourceModel, count_params, load_source
+from transferlab.strategies import Strategy, StrategyConfig, get_strategy, strategy_config
+from transferlab.strategies.base import Teacher
 from transferlab.training.loop import DivergenceError, TrainResult, fit, image_batches, tensor_batches, training_failure
 
+if TYPE_CHECKING:
+    from transferlab.params import TrainParams
+
 log = logging.getLogger(__name__)
+
+AUGMENT_MODES = ("none", "crop", "crop_flip")
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How every run of a strategy trains: params `train` resolved for one strategy (see `build_recipe`).
+
+    The defaults are those of a bare `fit` call (tests, pretraining); the pipeline's callers always get every
+    field from params through `build_recipe`.
+    """
+
+    epochs: int  # the epoch cap: a run that reaches it without a plateau is marked under-trained
+    batch_size: int
+    patience: int  # epochs without a val loss (by more than min_delta) or val accuracy gain: the plateau
+    weight_decay: float
+    augment: str = "none"  # training batches of image strategies: none | crop | crop_flip
+    lr_patience: int | None = None  # epochs without a val loss gain before the rate is cut (None: patience // 2)
+    lr_factor: float = 0.3  # reduce-on-plateau factor
+    min_lr_ratio: float = 0.01  # the rate is never cut below this fraction of its start
+    min_delta: float = 1e-3  # val loss decrease (absolute, nats) that counts as progress
+    warmup: bool = True  # a linear warm-up of the rate over the first epoch's steps (from 10%)
+    channels_last: bool = False  # image strategies train in channels-last memory order
+    lr_grid: tuple[float, ...] = (1.0,)  # multipliers of the strategy's lr tried on validation; (1.0,): none
+    lr_search_epochs: int = 1  # the budget of each rate of the grid
+    lr_grid_extend: int = 1  # grid steps tried beyond an edge when the best rate sits on it
+    seeds: tuple[int, ...] = (0,)  # training seeds (init, batch order, augmentation): one run each
+    num_threads: int = 0  # torch CPU threads set with each seed (0: torch's default)
+    device: Any = None  # a torch.device (or its name) every run trains on; None: the CPU
+
+    def __post_init__(self) -> None:
+        # Tuples, whatever the caller passed: the recipe is a value (frozen, comparable, hashable).
+        object.__setattr__(self, "lr_grid", tuple(float(m) for m in self.lr_grid))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        problems = [
+            f"{k} must be >= 1 (got {getattr(self, k)!r})"
+            for k in ("epochs", "batch_size", "patience", "lr_search_epochs")
+            if getattr(self, k) < 1
+        ]
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0 (got {self.weight_decay!r})")
+        if self.augment not in AUGMENT_MODES:
+            problems.append(f"augment must be one of {AUGMENT_MODES} (got {self.augment!r})")
+        if not self.lr_grid or any(m <= 0 for m in self.lr_grid):
+            problems.append(f"lr_grid must hold positive multipliers (got {self.lr_grid!r})")
+        if not self.seeds:
+            problems.append("seeds must name at least one training seed (got none)")
+        if problems:
+            raise ValueError("TrainRecipe: " + "; ".join(problems))
+
+    def short_run(self, epochs: int) -> TrainRecipe:
+        """This recipe at a fixed budget of `epochs` (the cap and the patience): a rate of the learning-rate
+        grid, a teacher, a diagnosis sweep point."""
+        return dataclasses.replace(self, epochs=epochs, patience=epochs)
+
+    def record(self) -> dict[str, Any]:
+        """The fields that decide one run's training, as a finding's evidence records them."""
+        return {
+            k: getattr(self, k)
+            for k in (
+                "epochs",
+                "batch_size",
+                "patience",
+                "weight_decay",
+                "augment",
+                "lr_patience",
+                "lr_factor",
+                "min_delta",
+                "min_lr_ratio",
+                "channels_last",
+            )
+        }
+
+
+def build_recipe(
+    train: TrainParams,
+    strategy_cfg: StrategyConfig,
+    *,
+    device: torch.device | str | None = None,
+    epochs: int | None = None,
+    max_epochs: int | None = None,
+) -> TrainRecipe:
+    """The training recipe of `strategy_cfg` under params `train`: the one builder for train@, tune@,
+    agreement and the diagnosis remedies, so that their numbers mean the same thing.
+
+    Args:
+        train: params `train`.
+        strategy_cfg: the strategy's config; its `epochs`, when set, is the epoch cap instead of `train.epochs`.
+        device: where the runs train, as the stage resolved `train.device` (`core.device.resolve_device`);
+            None: the CPU.
+        epochs: a budget that replaces the cap (tune@: `tune.epochs` or a trial's `epochs`; agreement's
+            fine-tune recipe: `agreement.finetune_epochs`).
+        max_epochs: lowers the cap (`diagnose.remedy_epochs`, for tiny test configs).
+
+    Returns:
+        The frozen recipe.
+
+    Raises:
+        ValueError: an override below 1.
+    """
+    for key, value in (("epochs", epochs), ("max_epochs", max_epochs)):
+        if value is not None and value < 1:
+            raise ValueError(f"build_recipe: {key} must be >= 1 (got {value!r})")
+    cap = epochs if epochs is not None else (strategy_cfg.epochs or train.epochs)
+    if max_epochs is not None:
+        cap = min(cap, max_epochs)
+    return TrainRecipe(
+        epochs=cap,
+        batch_size=train.batch_size,
+        patience=train.patience,
+        weight_decay=train.weight_decay,
+        augment=train.augment,
+        lr_patience=train.lr_patience,
+        lr_factor=train.lr_factor,
+        min_lr_ratio=train.min_lr_ratio,
+        min_delta=train.min_delta,
+        channels_last=train.channels_last,
+        lr_grid=tuple(train.lr_grid),
+        lr_search_epochs=train.lr_search_epochs,
+        lr_grid_extend=train.lr_grid_extend,
+        seeds=tuple(train.seeds),
+        num_threads=train.num_threads,
+        device=device,
+    )
+
+
+# --- one run ---------------------------------------------------------------------------------------------
 
 
 def train_strategy(
@@ -26,81 +169,150 @@ def train_strategy(
     images: dict[str, np.ndarray],
     labels: dict[str, np.ndarray],
     num_classes: int,
+    recipe: TrainRecipe,
     *,
-    epochs: int,
-    batch_size: int,
-    patience: int,
-    weight_decay: float,
-    augment: str,
     seed: int,
     generator: torch.Generator,
     features: dict[str, np.ndarray] | None = None,
     label: str = "",
-    device: torch.device | str | None = None,
-    channels_last: bool = False,
-    **schedule: Any,
 ) -> TrainResult:
-    """Build the strategy's model from the source and train it on the prepared splits.
+    """Build the strategy's model from the source and train it on the prepared splits with `recipe`.
 
-    Strategies with `uses_features` train their head on `features` (the cache of the frozen
-    backbone's penultimate features); the others train on the images. `schedule` passes
-    `lr_patience`, `lr_factor`, `min_delta` and `warmup` on to `fit`. Training runs on `device` (default:
-    the CPU); the returned model is back on the CPU, ready to save. `channels_last` trains image
-    strategies in channels-last memory order (1.7-1.9x faster on this project's CPU, measured in
-    benchmarks/; other floating-point results than the default order, reproducible run to run); the
-    returned model is back in the default order.
+    Strategies with `uses_features` train their head on `features` (the cache of the frozen backbone's
+    penultimate features); the others train on the images. A strategy's helper network (a distillation
+    teacher, `Strategy.teacher_spec`) is trained first, with the same recipe; its per-run state
+    (`Strategy.start_run`) travels with this call only. Training runs on `recipe.device` (default: the CPU);
+    the returned model is back on the CPU, ready to save. `recipe.channels_last` trains image strategies in
+    channels-last memory order (1.7-1.9x faster on this project's CPU, measured in benchmarks/; other
+    floating-point results than the default order, reproducible run to run); the returned model is back in
+    the default order.
 
     Raises:
         ValueError: a feature strategy got no features cache.
         DivergenceError: see `fit`.
     """
-    device = as_device(device)
-    if hasattr(strategy, "set_data"):  # strategies that train helpers of their own (a distillation teacher)
-        strategy.set_data(images, labels, device=device)
+    if strategy.uses_features and features is None:
+        raise ValueError(f"{label}: strategy '{strategy.name}' needs the features cache (features@<source>)")
+    device = as_device(recipe.device)
+    teacher = _train_teacher(strategy, cfg, images, labels, num_classes, recipe, seed)
+    state = strategy.start_run(source, cfg, teacher)
     model = strategy.build(source, num_classes, cfg, seed)
     trainable, total = count_params(model)
-    recipe = dict(
-        epochs=epochs, batch_size=batch_size, patience=patience, weight_decay=weight_decay, device=device, **schedule
-    )
     if strategy.uses_features:
-        if features is None:
-            raise ValueError(f"{label}: strategy '{strategy.name}' needs the features cache (features@<source>)")
-        head = model.get_classifier()
-        result = fit(
-            head,
-            strategy,
-            cfg,
-            tensor_batches(features["train"]),
-            labels["train"],
-            tensor_batches(features["val"]),
-            labels["val"],
-            generator=generator,
-            label=label,
-            **recipe,
-        )
-        result.model = model.eval()
+        result = _fit_head(model, strategy, cfg, features, labels, recipe, generator, label, state)
     else:
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        result = fit(
-            model,
-            strategy,
-            cfg,
-            image_batches(images["train"], source, augment, generator, channels_last),
-            labels["train"],
-            image_batches(images["val"], source, "none", generator, channels_last),
-            labels["val"],
-            generator=generator,
-            label=label,
-            **recipe,
-        )
-    if channels_last and not strategy.uses_features:  # safetensors (LoRA adapters) needs contiguous tensors
-        result.model = result.model.to(memory_format=torch.contiguous_format)
-    if device.type != "cpu":  # hand the model back where it is saved and evaluated from
-        result.model = result.model.to("cpu")
-        strategy.move_to(result.model, torch.device("cpu"))
+        result = _fit_network(model, strategy, cfg, source, images, labels, recipe, generator, label, state)
+    result.model = _hand_back(result.model, strategy, recipe, device, state)
     result.trainable_params, result.total_params = trainable, total
     return result
+
+
+def _train_teacher(
+    strategy: Strategy,
+    cfg: StrategyConfig,
+    images: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    num_classes: int,
+    recipe: TrainRecipe,
+    seed: int,
+) -> Teacher | None:
+    """The helper network `strategy.teacher_spec(cfg)` asks for, fine-tuned on the target with the run's
+    recipe at the spec's fixed budget, or None. Its batches come from a generator of its own (seeded with the
+    run's seed), so the student draws the same batches as it would without a teacher."""
+    spec = strategy.teacher_spec(cfg)
+    if spec is None:
+        return None
+    teacher_source = load_source("teacher", spec.source, seed=seed)
+    kind = get_strategy(spec.kind)
+    result = train_strategy(
+        kind,
+        strategy_config("teacher", {"kind": spec.kind, **spec.config}),
+        teacher_source,
+        images,
+        labels,
+        num_classes,
+        recipe.short_run(spec.epochs),
+        seed=seed,
+        generator=torch.Generator().manual_seed(seed),
+        label=spec.label,
+    )
+    return Teacher(model=result.model, source=teacher_source, val_accuracy=result.best_val_accuracy)
+
+
+def _fit_head(
+    model: torch.nn.Module,
+    strategy: Strategy,
+    cfg: StrategyConfig,
+    features: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    recipe: TrainRecipe,
+    generator: torch.Generator,
+    label: str,
+    state: Any,
+) -> TrainResult:
+    """Train the classifier of `model` on the cached features; the result holds the whole model."""
+    result = fit(
+        model.get_classifier(),
+        strategy,
+        cfg,
+        tensor_batches(features["train"]),
+        labels["train"],
+        tensor_batches(features["val"]),
+        labels["val"],
+        recipe,
+        generator=generator,
+        label=label,
+        state=state,
+    )
+    result.model = model.eval()
+    return result
+
+
+def _fit_network(
+    model: torch.nn.Module,
+    strategy: Strategy,
+    cfg: StrategyConfig,
+    source: SourceModel,
+    images: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    recipe: TrainRecipe,
+    generator: torch.Generator,
+    label: str,
+    state: Any,
+) -> TrainResult:
+    """Train the whole `model` on the images (augmented as the recipe says, validation never)."""
+    channels_last = recipe.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return fit(
+        model,
+        strategy,
+        cfg,
+        image_batches(images["train"], source, recipe.augment, generator, channels_last),
+        labels["train"],
+        image_batches(images["val"], source, "none", generator, channels_last),
+        labels["val"],
+        recipe,
+        generator=generator,
+        label=label,
+        state=state,
+    )
+
+
+def _hand_back(
+    model: torch.nn.Module, strategy: Strategy, recipe: TrainRecipe, device: torch.device, state: Any
+) -> torch.nn.Module:
+    """The trained model in the default memory order (safetensors, which saves LoRA adapters, needs
+    contiguous tensors) and on the CPU, where it is saved and evaluated from."""
+    if recipe.channels_last and not strategy.uses_features:
+        model = model.to(memory_format=torch.contiguous_format)
+    if device.type != "cpu":
+        model = model.to("cpu")
+        strategy.move_to(model, torch.device("cpu"), state)
+    return model
+
+
+# --- the protocol: a rate chosen on validation, then one run per seed ------------------------------------
 
 
 @dataclass
@@ -113,6 +325,10 @@ class ProtocolResult:
     failures: dict[int, str]
 
 
+# (cfg, recipe, seed, label) -> one run's TrainResult, of one strategy on one data set from a fresh source.
+RunFn = Callable[[StrategyConfig, TrainRecipe, int, str], TrainResult]
+
+
 def train_protocol(
     strategy: Strategy,
     cfg: StrategyConfig,
@@ -120,77 +336,81 @@ def train_protocol(
     images: dict[str, np.ndarray],
     labels: dict[str, np.ndarray],
     num_classes: int,
+    recipe: TrainRecipe,
     *,
-    seeds: list[int],
-    lr_grid: list[float],
-    lr_search_epochs: int,
-    lr_grid_extend: int = 1,
-    epochs: int,
-    batch_size: int,
-    patience: int,
-    weight_decay: float,
-    augment: str,
-    num_threads: int = 0,
     features: dict[str, np.ndarray] | None = None,
     label: str = "",
-    device: torch.device | str | None = None,
-    **schedule: Any,
 ) -> ProtocolResult:
     """The protocol behind every trained number: rate on validation, then each seed to a plateau.
 
-    1. Learning rate: for each multiplier m of `lr_grid`, a short run (`lr_search_epochs`, first seed)
-       at `cfg.lr * m`; the rate with the best validation accuracy wins (ties: lower validation loss;
-       a rate that diverged or whose short run failed, see `training_failure`, loses); a best rate on
-       an edge of the grid extends it (`lr_grid_extend`). Every strategy gets the same grid and rule,
-       scratch included. The test split is never touched.
-    2. One run per seed in `seeds` at that rate, to a plateau or the cap `epochs`.
+    1. Learning rate (`search_learning_rate`): for each multiplier m of `recipe.lr_grid`, a short run
+       (`recipe.lr_search_epochs`, first seed) at `cfg.lr * m`; the rate with the best validation accuracy
+       wins. Every strategy gets the same grid and rule, scratch included. The test split is never touched.
+    2. One run per seed in `recipe.seeds` at that rate, to a plateau or the cap `recipe.epochs`
+       (`train_seeds`).
 
     Args:
         make_source: a fresh source model per run (strategies replace its head in place).
-        seeds: training seeds (model init, batch order, augmentation).
-        lr_grid: multipliers of the configured rate; [1.0] skips the search.
-        lr_grid_extend: when the best rate sits on an edge of the grid, try up to this many more rates
-            beyond that edge (one grid step each).
-        num_threads: torch CPU threads (0: torch's default), set with each seed.
-        device: where every run trains (default: the CPU); the returned models are on the CPU.
+        recipe: the run's recipe (`build_recipe`); `recipe.device` is where every run trains (the returned
+            models are on the CPU), `recipe.num_threads` is set with each seed.
 
     Returns:
         ProtocolResult: the chosen rate, the search table, the runs by seed, and the seeds whose
         training failed (see `training_failure`) with the reason.
 
     Raises:
-        DivergenceError: the chosen rate diverged in a seed's run (after the search let it through).
+        DivergenceError: every rate of the grid diverged, or the chosen rate diverged in a seed's run.
     """
-    from transferlab.core.seeding import seed_everything
 
-    common = dict(
-        epochs=epochs,
-        batch_size=batch_size,
-        patience=patience,
-        weight_decay=weight_decay,
-        augment=augment,
-        features=features,
-        device=device,
-        **schedule,
-    )
+    def run(run_cfg: StrategyConfig, run_recipe: TrainRecipe, seed: int, run_label: str) -> TrainResult:
+        gen = seed_everything(seed, recipe.num_threads)
+        return train_strategy(
+            strategy,
+            run_cfg,
+            make_source(),
+            images,
+            labels,
+            num_classes,
+            run_recipe,
+            seed=seed,
+            generator=gen,
+            features=features,
+            label=run_label,
+        )
+
+    lr, search = search_learning_rate(run, cfg, recipe, num_classes, label)
+    runs, failures = train_seeds(run, cfg.model_copy(update={"lr": lr}), recipe, num_classes, label)
+    return ProtocolResult(lr=lr, lr_search=search, runs=runs, failures=failures)
+
+
+def search_learning_rate(
+    run: RunFn, cfg: StrategyConfig, recipe: TrainRecipe, num_classes: int, label: str
+) -> tuple[float, list[dict]]:
+    """The rate of `cfg.lr * m` over the multipliers m of `recipe.lr_grid` with the best validation accuracy.
+
+    Each rate gets a short run (`recipe.lr_search_epochs`) on the first seed. Ties: lower validation loss,
+    then the multiplier nearer 1. A rate that diverged or whose short run failed (see `training_failure`)
+    loses. When every short run failed, the grid is tried once more at twice the budget; a best rate on an
+    edge of the grid extends it by the grid's own step (`recipe.lr_grid_extend` times at most).
+
+    Returns:
+        (lr, search table): one row per rate tried, sorted by (budget, multiplier); `chosen` marks the winner.
+        A one-rate grid skips the search: (`cfg.lr * lr_grid[0]`, []).
+
+    Raises:
+        DivergenceError: every rate of the grid diverged.
+    """
+    if len(recipe.lr_grid) <= 1:
+        return float(cfg.lr * recipe.lr_grid[0]), []
     search: list[dict] = []
+    budget = recipe.lr_search_epochs
 
-    def try_rate(mult: float) -> dict:
+    def try_rate(mult: float) -> None:
         lr = float(f"{cfg.lr * mult:.6g}")
-        gen = seed_everything(seeds[0], num_threads)
-        row: dict[str, Any] = {"lr_multiplier": float(f"{mult:.6g}"), "lr": lr, "epochs": lr_search_epochs}
+        row: dict[str, Any] = {"lr_multiplier": float(f"{mult:.6g}"), "lr": lr, "epochs": budget}
         try:
-            res = train_strategy(
-                strategy,
-                cfg.model_copy(update={"lr": lr}),
-                make_source(),
-                images,
-                labels,
-                num_classes,
-                seed=seeds[0],
-                generator=gen,
-                label=f"{label} lr={lr:g}",
-                **{**common, "epochs": lr_search_epochs, "patience": lr_search_epochs},
+            res = run(
+                cfg.model_copy(update={"lr": lr}), recipe.short_run(budget), recipe.seeds[0], f"{label} lr={lr:g}"
             )
             row.update(val_accuracy=round(res.best_val_accuracy, 6), val_loss=round(res.best_val_loss, 6))
             failed = training_failure(res.history, num_classes, res.best_val_accuracy)
@@ -199,79 +419,69 @@ def train_protocol(
         except DivergenceError as exc:
             row.update(val_accuracy=None, val_loss=None, diverged=str(exc))
         search.append(row)
-        return row
 
-    def pick() -> dict | None:
-        ok = [r for r in search if r["val_accuracy"] is not None and not r.get("superseded")]
-        # A rate whose short run already failed (loss stuck at ln C, accuracy at chance) is out, unless
-        # every rate failed: a lucky validation accuracy must not elect a rate that does not train.
-        ok = [r for r in ok if "failed" not in r] or ok
-        if not ok:
-            return None
-        return max(ok, key=lambda r: (r["val_accuracy"], -r["val_loss"], -abs(math.log(r["lr_multiplier"]))))
-
-    if len(lr_grid) > 1:
-        grid = sorted(lr_grid)
+    grid = sorted(recipe.lr_grid)
+    for mult in grid:
+        try_rate(mult)
+    if all("failed" in r or r["val_accuracy"] is None for r in search):
+        # Every short run is still at chance: the budget says nothing about the rates (a network from random
+        # weights often needs more than two epochs to move). Once, the same grid at twice the budget; the
+        # same rule for every strategy.
+        log.warning("%s: every rate of the search failed in %d epochs; retrying at %d", label, budget, 2 * budget)
+        for r in search:
+            r["superseded"] = True
+        budget *= 2
         for mult in grid:
             try_rate(mult)
-        if all("failed" in r or r["val_accuracy"] is None for r in search):
-            # Every short run is still at chance: the budget says nothing about the rates (a network from
-            # random weights often needs more than two epochs to move). Once, the same grid at twice the
-            # budget; the same rule for every strategy.
-            log.warning(
-                "%s: every rate of the search failed in %d epochs; retrying at %d",
-                label,
-                lr_search_epochs,
-                2 * lr_search_epochs,
-            )
-            for r in search:
-                r["superseded"] = True
-            lr_search_epochs *= 2
-            for mult in grid:
-                try_rate(mult)
-        # A best rate on the grid's edge says the optimum may lie beyond it: extend by the grid's own
-        # step, `lr_grid_extend` times at most on each side (the same rule for every strategy).
-        low_step, high_step = grid[1] / grid[0], grid[-1] / grid[-2]
-        for _ in range(lr_grid_extend):
-            best = pick()
-            mults = [r["lr_multiplier"] for r in search]
-            if best is None or min(mults) < best["lr_multiplier"] < max(mults):
-                break
-            if best["lr_multiplier"] == max(mults):
-                try_rate(max(mults) * high_step)
-            else:
-                try_rate(min(mults) / low_step)
-        best = pick()
-        if best is None:
-            raise DivergenceError(
-                f"{label}: every rate of the grid {[r['lr'] for r in search]} diverged; lower strategies.{label}.lr"
-            )
-        lr = best["lr"]
-        for r in search:
-            r["chosen"] = r is best
-        search.sort(key=lambda r: (r["epochs"], r["lr_multiplier"]))
-    else:
-        lr = float(cfg.lr * lr_grid[0]) if lr_grid else cfg.lr
-    chosen = cfg.model_copy(update={"lr": lr})
+    # A best rate on the grid's edge says the optimum may lie beyond it: extend by the grid's own step,
+    # `lr_grid_extend` times at most on each side (the same rule for every strategy).
+    low_step, high_step = grid[1] / grid[0], grid[-1] / grid[-2]
+    for _ in range(recipe.lr_grid_extend):
+        best = _best_rate(search)
+        mults = [r["lr_multiplier"] for r in search]
+        if best is None or min(mults) < best["lr_multiplier"] < max(mults):
+            break
+        if best["lr_multiplier"] == max(mults):
+            try_rate(max(mults) * high_step)
+        else:
+            try_rate(min(mults) / low_step)
+    best = _best_rate(search)
+    if best is None:
+        raise DivergenceError(
+            f"{label}: every rate of the grid {[r['lr'] for r in search]} diverged; lower strategies.{label}.lr"
+        )
+    for r in search:
+        r["chosen"] = r is best
+    search.sort(key=lambda r: (r["epochs"], r["lr_multiplier"]))
+    return best["lr"], search
+
+
+def _best_rate(search: list[dict]) -> dict | None:
+    """The winning row of the search table so far (see `search_learning_rate`), or None when all diverged."""
+    ok = [r for r in search if r["val_accuracy"] is not None and not r.get("superseded")]
+    # A rate whose short run already failed (loss stuck at ln C, accuracy at chance) is out, unless every
+    # rate failed: a lucky validation accuracy must not elect a rate that does not train.
+    ok = [r for r in ok if "failed" not in r] or ok
+    if not ok:
+        return None
+    return max(ok, key=lambda r: (r["val_accuracy"], -r["val_loss"], -abs(math.log(r["lr_multiplier"]))))
+
+
+def train_seeds(
+    run: RunFn, cfg: StrategyConfig, recipe: TrainRecipe, num_classes: int, label: str
+) -> tuple[dict[int, TrainResult], dict[int, str]]:
+    """One run of `cfg` per seed of `recipe.seeds`, to a plateau or the cap.
+
+    Returns:
+        (runs by seed, failures): the seeds whose training failed (`training_failure`) with the reason.
+    """
     runs: dict[int, TrainResult] = {}
     failures: dict[int, str] = {}
-    for seed in seeds:
-        gen = seed_everything(seed, num_threads)
-        res = train_strategy(
-            strategy,
-            chosen,
-            make_source(),
-            images,
-            labels,
-            num_classes,
-            seed=seed,
-            generator=gen,
-            label=f"{label} seed={seed}",
-            **common,
-        )
+    for seed in recipe.seeds:
+        res = run(cfg, recipe, seed, f"{label} seed={seed}")
         runs[seed] = res
         why = training_failure(res.history, num_classes, res.best_val_accuracy)
         if why:
             failures[seed] = why
             log.warning("%s seed %d: training failed: %s", label, seed, why)
-    return ProtocolResult(lr=lr, lr_search=search, runs=runs, failures=failures)
+    return runs, failures

@@ -1,4 +1,7 @@
-"""TODO docstring: tuning.optuna_backend."""
+"""The Optuna backend of `tune@<strategy>`: TPE with median pruning, sequential or in forked workers that
+share one study (journal file on one machine, PostgreSQL across machines; SQLite locks under concurrent
+writers). Optuna is imported inside the functions that use it.
+"""
 
 from __future__ import annotations
 

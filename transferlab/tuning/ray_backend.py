@@ -1,4 +1,8 @@
-"""TODO docstring: tuning.ray_backend."""
+"""The Ray Tune backend of `tune@<strategy>`: Ray's OptunaSearch with the same seeded TPE sampler as the
+Optuna backend, and ASHA (or FIFO) scheduling, trials at once on a local Ray or on the cluster named by
+`tune.ray_address` / `RAY_ADDRESS` (disconnected from, never stopped). Trials are logged by the driver, so
+nodes that cannot reach the tracking store still leave a record. Ray is imported inside functions.
+"""
 
 from __future__ import annotations
 

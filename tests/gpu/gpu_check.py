@@ -1,10 +1,10 @@
-"""The Python half of `benchmarks/gpu_check.sh`: a tiny end-to-end `dvc repro` with `train.device: cuda`, and
+"""The Python half of `tests/gpu/gpu_check.sh`: a tiny end-to-end `dvc repro` with `train.device: cuda`, and
 the training throughput of EfficientNet-Lite0 (48 px, batch 32) on CUDA with and without mixed precision and
 on the CPU, printed as one table.
 
-    python benchmarks/gpu_check.py pipeline     # tiny pipeline in a temp copy of the repo, device: cuda
-    python benchmarks/gpu_check.py throughput   # img/s rows
-    python benchmarks/gpu_check.py all          # both (what gpu_check.sh runs)
+    python tests/gpu/gpu_check.py pipeline     # tiny pipeline in a temp copy of the repo, device: cuda
+    python tests/gpu/gpu_check.py throughput   # img/s rows
+    python tests/gpu/gpu_check.py all          # both (what gpu_check.sh runs)
 
 Exits 2 with a message when torch sees no CUDA GPU: this script checks the GPU path and nothing else.
 """
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_repo: the end-to-end test's tiny project
 
 
