@@ -132,8 +132,29 @@ class ModelView:
             return _wrap(getattr(self._model, name), _key(self._path, name), self._reads)
         if name in _SCHEMA_ATTRS:  # the schema, not the values
             return getattr(self._model, name)
+        if name in ("model_dump", "model_dump_json"):
+            return self._dump(getattr(self._model, name))
         # model_dump(), a method such as SourceSpec.modality: it may read any field.
         return getattr(self._whole(), name)
+
+    def _dump(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        """`model_dump(include=..., exclude=...)` records the fields it dumps, the whole model without either."""
+
+        def dump(*args: Any, include: Any = None, exclude: Any = None, **kwargs: Any) -> Any:
+            if include is None and exclude is None:
+                self._whole()
+            else:
+                for f in type(self._model).model_fields:
+                    dropped = (
+                        exclude is not None
+                        and f in exclude
+                        and (not isinstance(exclude, dict) or exclude[f] in (True, ...))
+                    )
+                    if (include is None or f in include) and not dropped:  # a partly excluded field counts as read
+                        self._reads.add(_key(self._path, f))
+            return method(*args, include=include, exclude=exclude, **kwargs)
+
+        return dump
 
     __setattr__ = __delattr__ = _read_only
 

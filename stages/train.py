@@ -47,7 +47,7 @@ def main() -> None:
     from transferlab.models.sources import load_features_cache, load_source, read_selection
     from transferlab.provenance.tracking import run_info, stage_run
     from transferlab.strategies import get_strategy, strategy_config
-    from transferlab.training.protocol import build_recipe
+    from transferlab.training.recipe import build_recipe
     from transferlab.training.run import train_stage
 
     cfg = strategy_config(name, params.strategies[name])

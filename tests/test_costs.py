@@ -57,6 +57,16 @@ def test_count_parameters_by_hand_and_on_timm(effnet: nn.Module) -> None:
     assert costs.count_parameters(effnet) == sum(p.numel() for p in effnet.parameters())
 
 
+def test_count_parameters_trainable_only_and_the_sources_pair() -> None:
+    from transferlab.models.sources import count_params
+
+    model = _conv_linear()
+    model[0].requires_grad_(False)  # the conv: 112 parameters frozen
+    assert costs.count_parameters(model, trainable_only=True) == 18005
+    assert costs.count_parameters(model) == 112 + 18005
+    assert count_params(model) == (18005, 112 + 18005)
+
+
 def test_flops_by_hand_for_plain_modules() -> None:
     # torch counts a multiply-add as 2 FLOPs and skips biases / activations:
     # conv: 2 * Cout * Hout * Wout * Cin * k * k = 2 * 4 * 30 * 30 * 3 * 3 * 3 = 194_400
@@ -166,6 +176,23 @@ def test_latency_rejects_bad_arguments() -> None:
         costs.latency_ms(_conv_linear(), 32, 0)
     with pytest.raises(ValueError):
         costs.latency_ms(_conv_linear(), 32, 1, repeats=0)
+    with pytest.raises(ValueError, match="image_size"):
+        costs.latency_ms(_conv_linear(), None, 1)
+    with pytest.raises(ValueError, match="example"):
+        costs.latency_ms(_conv_linear(), None, 1, example=torch.zeros(0, 3, 32, 32))
+
+
+def test_latency_times_a_real_example_tiled_to_the_batch() -> None:
+    """evaluate@'s setting: the first test images, repeated when fewer than the batch."""
+    model = _conv_linear()
+    seen = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    example = torch.arange(3 * 3 * 32 * 32, dtype=torch.float64).reshape(3, 3, 32, 32)
+    assert costs.latency_ms(model, None, 5, repeats=1, warmup=1, example=example) > 0
+    assert len(seen) == 2 and all(x.shape == (5, 3, 32, 32) and x.dtype == torch.float32 for x in seen)
+    assert torch.equal(seen[0][3:], example[:2].float()) and torch.equal(seen[0][:3], example.float())
+    ids = torch.randint(0, 100, (4, 7))  # token ids keep their integer type
+    assert costs.latency_ms(nn.Embedding(100, 2), None, 2, repeats=1, warmup=0, example=ids) > 0
 
 
 # --- the profile ----------------------------------------------------------------------------------------------------

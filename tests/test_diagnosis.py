@@ -10,6 +10,7 @@ import torch
 
 from transferlab.core.seeding import seed_everything
 from transferlab.diagnosis import findings as dx
+from transferlab.reporting.diagnosis_md import to_markdown
 from transferlab.strategies import get_strategy, strategy_config
 from transferlab.training.protocol import TrainRecipe, train_strategy
 
@@ -80,27 +81,36 @@ def _history(losses, val_accs):
 
 def test_training_failed_flags_a_run_at_chance_with_a_flat_loss_and_not_a_normal_one():
     ln10 = float(np.log(10))
-    failed = dx.training_failed(
-        "x", 0, _history([ln10, ln10 + 0.001, ln10], [0.1, 0.11, 0.1]), {"lr": 0.003}, 10, accuracy_margin=0.05
-    )
+    failed = dx.training_failed("x", 0, _history([ln10, ln10 + 0.001, ln10], [0.1, 0.11, 0.1]), {"lr": 0.003}, 10)
     assert failed["flagged"] and failed["severity"] == "critical"
-    assert "validation accuracy at chance" in failed["evidence"]["reasons"]
-    assert "loss never fell below ln(C)" in failed["evidence"]["reasons"]
+    (why,) = failed["evidence"]["reasons"]
+    assert why.startswith("history: ") and "near chance" in why and "never fell below 90% of ln(C)" in why
     assert failed["evidence"]["train_loss_first_last"] == [round(ln10, 6), round(ln10, 6)]
+    assert failed["evidence"]["rule"] == "transferlab.training.loop.training_failure"
     assert "0.003" in failed["remedy"]
-    normal = dx.training_failed("x", 0, _history([2.0, 1.0, 0.6], [0.5, 0.7, 0.8]), {}, 10, accuracy_margin=0.05)
+    normal = dx.training_failed("x", 0, _history([2.0, 1.0, 0.6], [0.5, 0.7, 0.8]), {}, 10)
     assert not normal["flagged"] and normal["evidence"]["reasons"] == []
-    diverged = dx.training_failed("x", 0, _history([2.0, 1.0, 5.0], [0.5, 0.7, 0.8]), {}, 10, accuracy_margin=0.05)
-    assert diverged["flagged"] and diverged["evidence"]["reasons"] == ["loss grew (diverging)"]
+    diverged = dx.training_failed("x", 0, _history([2.0, 1.0, float("nan")], [0.5, 0.7, 0.8]), {}, 10)
+    assert diverged["flagged"] and diverged["evidence"]["reasons"] == ["loss not finite (diverged)"]
+    # A loss that rose late is not a failure: the best validation epoch is what the train stage keeps.
+    assert not dx.training_failed("x", 0, _history([2.0, 1.0, 5.0], [0.5, 0.7, 0.8]), {}, 10)["flagged"]
+    assert dx.training_failed("x", 0, [], {}, 10)["evidence"]["reasons"] == ["no history"]
     told = dx.training_failed(
-        "x",
-        1,
-        _history([2.0, 0.6], [0.5, 0.8]),
-        {"training_failed": True, "failure_reason": "nan"},
-        10,
-        accuracy_margin=0.05,
+        "x", 1, _history([2.0, 0.6], [0.5, 0.8]), {"training_failed": True, "failure_reason": "nan"}, 10
     )
     assert told["flagged"] and told["evidence"]["reasons"] == ["train stage: nan"]
+
+
+@pytest.mark.parametrize("best_val", [0.1, 0.15, 0.19, 0.2, 0.5])
+@pytest.mark.parametrize("min_loss_share", [0.5, 0.89, 0.9, 0.95, 1.0])
+def test_training_failed_is_the_train_stages_rule(best_val, min_loss_share):
+    """One rule: the diagnosis flags a run exactly when the train stage's `training_failure` does."""
+    from transferlab.training.loop import training_failure
+
+    ln10 = float(np.log(10))
+    hist = _history([ln10 * 1.01, ln10 * min_loss_share], [best_val / 2, best_val])
+    f = dx.training_failed("x", 0, hist, {}, 10)
+    assert f["flagged"] == (training_failure(hist, 10, best_val) is not None)
 
 
 def test_resolution_flags_only_a_size_far_below_the_source_size():
@@ -213,7 +223,7 @@ def test_domain_shift_without_source_images_is_not_measurable_and_never_flagged_
     )
     assert not f["flagged"] and f["remedy_result"] is None
     assert f["evidence"]["proxy_a_distance"] == dx.NOT_MEASURABLE and f["evidence"]["mmd2"] == dx.NOT_MEASURABLE
-    assert "not measurable offline" in dx.to_markdown([f], dx.summarize([f]))
+    assert "not measurable offline" in to_markdown([f], dx.summarize([f]))
 
 
 def test_summary_and_markdown():
@@ -223,13 +233,13 @@ def test_summary_and_markdown():
     ]
     s = dx.summarize(findings)
     assert s == {"by_type": {"overfitting": {"checked": 2, "flagged": 1}}, "worst_severity": "warning", "flagged": 1}
-    md = dx.to_markdown(findings, s)
+    md = to_markdown(findings, s)
     assert "**WARNING** `a`" in md and "ok `b`" in md
     y = np.random.default_rng(0).integers(0, 3, 400)
     findings[0]["remedy_result"] = dx.remedy_outcome(
         y, _preds(y, 0.5, 1), _preds(y, 0.9, 2), 200, 0, "x", confidence=0.9
     )
-    assert "(90% CI)" in dx.to_markdown(findings, s) and "95%" not in dx.to_markdown(findings, s)
+    assert "(90% CI)" in to_markdown(findings, s) and "95%" not in to_markdown(findings, s)
 
 
 def test_check_registry_lists_every_check_and_names_the_valid_ones_on_a_typo():

@@ -5,160 +5,20 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import time
 
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import f1_score
 
 from transferlab.diagnosis.measures import (
     bn_statistics_gap,
     linear_cka,
     mmd_permutation_test,
-    paired_bootstrap_gain,
     prediction_agreement,
     proxy_a_distance,
     train_val_gap,
     weight_drift,
 )
-
-# --------------------------------------------------------------------------------------------------
-# paired bootstrap
-# --------------------------------------------------------------------------------------------------
-
-
-def _noisy_predictions(y: np.ndarray, accuracy: float, n_classes: int, rng: np.random.Generator) -> np.ndarray:
-    pred = y.copy()
-    wrong = rng.random(len(y)) > accuracy
-    pred[wrong] = (y[wrong] + rng.integers(1, n_classes, size=wrong.sum())) % n_classes
-    return pred
-
-
-@pytest.fixture
-def labels() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(1)
-    y = rng.integers(0, 4, size=300)
-    return y, _noisy_predictions(y, 0.9, 4, rng), _noisy_predictions(y, 0.6, 4, rng)
-
-
-@pytest.mark.parametrize("metric", ["accuracy", "macro_f1"])
-def test_bootstrap_better_predictor_has_interval_above_zero(labels, metric):
-    y, good, bad = labels
-    res = paired_bootstrap_gain(y, good, bad, metric=metric, n_bootstrap=500)
-    assert set(res) == {"gain", "ci_low", "ci_high", "prob_gain_le_0"}
-    assert res["gain"] > 0.2
-    assert 0.0 < res["ci_low"] < res["gain"] < res["ci_high"]
-    assert res["prob_gain_le_0"] == 0.0
-
-
-def test_bootstrap_accuracy_gain_matches_full_set(labels):
-    y, good, bad = labels
-    res = paired_bootstrap_gain(y, good, bad, n_bootstrap=10)
-    assert res["gain"] == pytest.approx(np.mean(good == y) - np.mean(bad == y))
-
-
-def test_bootstrap_equally_good_predictors_interval_contains_zero():
-    rng = np.random.default_rng(2)
-    y = rng.integers(0, 3, size=400)
-    a = _noisy_predictions(y, 0.75, 3, rng)
-    b = _noisy_predictions(y, 0.75, 3, rng)
-    res = paired_bootstrap_gain(y, a, b, n_bootstrap=1000)
-    assert res["ci_low"] < 0.0 < res["ci_high"]
-    assert 0.05 < res["prob_gain_le_0"] < 0.95
-
-
-@pytest.mark.parametrize("metric", ["accuracy", "macro_f1"])
-def test_bootstrap_identical_predictors_give_degenerate_zero_interval(labels, metric):
-    y, good, _ = labels
-    res = paired_bootstrap_gain(y, good, good.copy(), metric=metric, n_bootstrap=300)
-    assert res["gain"] == 0.0
-    assert res["ci_low"] == 0.0 and res["ci_high"] == 0.0
-    assert res["prob_gain_le_0"] == 1.0
-
-
-@pytest.mark.parametrize("metric", ["accuracy", "macro_f1"])
-def test_bootstrap_swapping_predictors_mirrors_the_result(labels, metric):
-    y, good, bad = labels
-    ab = paired_bootstrap_gain(y, good, bad, metric=metric, n_bootstrap=400, seed=3)
-    ba = paired_bootstrap_gain(y, bad, good, metric=metric, n_bootstrap=400, seed=3)
-    assert ba["gain"] == pytest.approx(-ab["gain"], abs=1e-12)
-    assert ba["ci_low"] == pytest.approx(-ab["ci_high"], abs=1e-9)
-    assert ba["ci_high"] == pytest.approx(-ab["ci_low"], abs=1e-9)
-    assert ba["prob_gain_le_0"] == 1.0
-
-
-def test_bootstrap_is_deterministic_per_seed(labels):
-    y, good, bad = labels
-    first = paired_bootstrap_gain(y, good, bad, metric="macro_f1", n_bootstrap=300, seed=7)
-    again = paired_bootstrap_gain(y, good, bad, metric="macro_f1", n_bootstrap=300, seed=7)
-    other = paired_bootstrap_gain(y, good, bad, metric="macro_f1", n_bootstrap=300, seed=8)
-    assert first == again
-    assert (first["ci_low"], first["ci_high"]) != (other["ci_low"], other["ci_high"])
-
-
-def test_bootstrap_macro_f1_gain_equals_sklearn_difference():
-    rng = np.random.default_rng(4)
-    y = rng.integers(0, 5, size=200)
-    a = _noisy_predictions(y, 0.7, 5, rng)
-    b = _noisy_predictions(y, 0.5, 5, rng)
-    b[:7] = 9  # a class b predicts that never occurs in y_true (sklearn counts it with F1 = 0)
-    a[a == 4] = 3  # a never predicts class 4
-    res = paired_bootstrap_gain(y, a, b, metric="macro_f1", n_bootstrap=20)
-    expected = f1_score(y, a, average="macro") - f1_score(y, b, average="macro")
-    assert res["gain"] == pytest.approx(expected, abs=1e-12)
-
-
-def test_bootstrap_accepts_string_labels():
-    y = np.array(["cat", "dog", "dog", "bird", "cat", "bird"])
-    a = np.array(["cat", "dog", "dog", "bird", "cat", "cat"])
-    b = np.array(["dog", "dog", "cat", "bird", "cat", "cat"])
-    res = paired_bootstrap_gain(y, a, b, metric="macro_f1", n_bootstrap=50)
-    expected = f1_score(y, a, average="macro") - f1_score(y, b, average="macro")
-    assert res["gain"] == pytest.approx(expected)
-
-
-def test_bootstrap_macro_f1_is_fast_enough():
-    rng = np.random.default_rng(5)
-    y = rng.integers(0, 10, size=2000)
-    a = _noisy_predictions(y, 0.8, 10, rng)
-    b = _noisy_predictions(y, 0.7, 10, rng)
-    start = time.perf_counter()
-    res = paired_bootstrap_gain(y, a, b, metric="macro_f1", n_bootstrap=2000)
-    assert time.perf_counter() - start < 10.0  # about a second on a laptop; generous for CI
-    assert res["ci_low"] > 0.0
-
-
-def test_bootstrap_resampled_macro_f1_matches_sklearn_per_resample():
-    """Each resampled gain equals sklearn on that resample (same stream: one (B, n) index matrix)."""
-    rng = np.random.default_rng(6)
-    y = rng.integers(0, 4, size=30)
-    a = _noisy_predictions(y, 0.7, 4, rng)
-    b = _noisy_predictions(y, 0.5, 4, rng)
-    idx = np.random.default_rng(9).integers(0, 30, size=(40, 30))
-    gains = np.array([f1_score(y[i], a[i], average="macro") - f1_score(y[i], b[i], average="macro") for i in idx])
-    res = paired_bootstrap_gain(y, a, b, metric="macro_f1", n_bootstrap=40, confidence=0.9, seed=9)
-    assert res["ci_low"] == pytest.approx(np.quantile(gains, 0.05), abs=1e-12)
-    assert res["ci_high"] == pytest.approx(np.quantile(gains, 0.95), abs=1e-12)
-    assert res["prob_gain_le_0"] == pytest.approx(np.mean(gains <= 0))
-
-
-@pytest.mark.parametrize(
-    ("args", "kwargs", "match"),
-    [
-        (([0, 1, 1], [0, 1], [0, 1, 1]), {}, "same length"),
-        (([], [], []), {}, "empty"),
-        (([0.0, np.nan], [0.0, 1.0], [0.0, 1.0]), {}, "NaN"),
-        (([0, 1], [0, 1], [0, 1]), {"metric": "auc"}, "metric"),
-        (([0, 1], [0, 1], [0, 1]), {"n_bootstrap": 0}, "n_bootstrap"),
-        (([0, 1], [0, 1], [0, 1]), {"confidence": 1.5}, "confidence"),
-        ((np.zeros((2, 2)), [0, 1], [0, 1]), {}, "1-D"),
-    ],
-)
-def test_bootstrap_rejects_bad_inputs(args, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        paired_bootstrap_gain(*args, **kwargs)
-
 
 # --------------------------------------------------------------------------------------------------
 # linear CKA

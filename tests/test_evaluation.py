@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from transferlab.evaluation.baselines import raw_pixel_logreg
-from transferlab.evaluation.comparison import compare_to_baseline, equal_compute, seed_sample_bootstrap_gain, verdict
+from transferlab.evaluation.comparison import compare_to_baseline, equal_compute, verdict
 from transferlab.evaluation.metrics import classification_metrics, expected_calibration_error
+from transferlab.evaluation.stats import paired_bootstrap_gain
 
 
 def test_metrics_on_a_hand_example():
@@ -109,7 +110,7 @@ def test_seed_bootstrap_matches_a_brute_force_computation():
     y = rng.integers(0, 4, 200)
     a = np.stack([np.where(rng.random(200) < p, y, (y + 1) % 4) for p in (0.55, 0.85)])  # a lucky seed
     b = np.stack([np.where(rng.random(200) < 0.6, y, (y + 2) % 4) for _ in range(2)])
-    out = seed_sample_bootstrap_gain(y, a, b, metric="accuracy", n_bootstrap=300, confidence=0.9, seed=7)
+    out = paired_bootstrap_gain(y, a, b, metric="accuracy", n_bootstrap=300, confidence=0.9, seed=7)
     draws = np.random.default_rng(7)
     gains = []
     for _ in range(300):
@@ -122,7 +123,7 @@ def test_seed_bootstrap_matches_a_brute_force_computation():
     assert out["ci_low"] == pytest.approx(lo) and out["ci_high"] == pytest.approx(hi)
     assert out["prob_gain_le_0"] == pytest.approx(np.mean(np.asarray(gains) <= 0))
     assert out["gain"] == pytest.approx((a == y).mean() - (b == y).mean())
-    one_seed = seed_sample_bootstrap_gain(y, a[1:], b[:1], metric="accuracy", n_bootstrap=300, confidence=0.9, seed=7)
+    one_seed = paired_bootstrap_gain(y, a[1:], b[:1], metric="accuracy", n_bootstrap=300, confidence=0.9, seed=7)
     assert (out["ci_high"] - out["ci_low"]) > (one_seed["ci_high"] - one_seed["ci_low"])
 
 
@@ -133,7 +134,7 @@ def test_macro_f1_bootstrap_point_matches_sklearn():
     y = rng.integers(0, 5, 300)
     a = np.where(rng.random(300) < 0.7, y, rng.integers(0, 5, 300))[None]
     b = np.where(rng.random(300) < 0.5, y, rng.integers(0, 5, 300))[None]
-    out = seed_sample_bootstrap_gain(y, a, b, metric="macro_f1", n_bootstrap=50, confidence=0.95, seed=0)
+    out = paired_bootstrap_gain(y, a, b, metric="macro_f1", n_bootstrap=50, confidence=0.95, seed=0)
     want = f1_score(y, a[0], average="macro") - f1_score(y, b[0], average="macro")
     assert out["gain"] == pytest.approx(want)
 
@@ -180,3 +181,141 @@ def test_recommendation_breaks_exact_ties_by_compute_and_names_the_close_ones():
     se = (0.79 * 0.21 / 300) ** 0.5
     assert out["val_standard_error"] == pytest.approx(se, abs=1e-6)
     assert out["within_noise_of_best"] == ["finetune_full", "lora"]  # 0.70 is more than one SE below
+
+
+# --- evaluate@'s computation: evaluate_model, and the audit's re-evaluation with it -------------------------
+
+TINY_SPEC = {"kind": "random_init", "arch": "test_efficientnet"}
+PIPELINE_SEED = 42
+
+
+def _write_prepared(out) -> None:
+    from transferlab.data.splits import save_prepared
+
+    rng = np.random.default_rng(0)
+    splits = {}
+    for offset, (split, n) in enumerate((("train", 6), ("val", 6), ("test", 15))):
+        labels = np.arange(n) % 3
+        images = rng.integers(0, 60, (n, 32, 32, 3), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            images[i, c * 10 : c * 10 + 10] = 230
+        splits[split] = {"images": images, "labels": labels, "source_index": np.arange(n) + 100 * offset}
+    save_prepared(out, splits, ["a", "b", "c"], {})
+
+
+def _write_models(out, kind: str, seeds=(0, 1)) -> None:
+    """What train@ saves for `kind` (weights nudged off their initialisation, so every seed differs)."""
+    import copy
+
+    import torch
+
+    from transferlab.core import layout
+    from transferlab.models.sources import load_source
+    from transferlab.params import SourceSpec
+    from transferlab.strategies import get_strategy, strategy_config
+
+    spec = SourceSpec.model_validate(TINY_SPEC)
+    source = load_source("tiny", spec, seed=PIPELINE_SEED)
+    strategy = get_strategy(kind)
+    for seed in seeds:
+        model = strategy.build(copy.deepcopy(source), 3, strategy_config(kind, {"kind": kind}), seed)
+        gen = torch.Generator().manual_seed(100 + seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        meta = {
+            "strategy": kind,
+            "kind": kind,
+            "source": "tiny",
+            "arch": source.arch,
+            "num_classes": 3,
+            "class_names": ["a", "b", "c"],
+            "mean": list(source.mean),
+            "std": list(source.std),
+            "pretrained": strategy.pretrained,
+            "source_spec": spec.model_dump(),
+            "lr": 0.01,
+        }
+        strategy.save(model, layout.seed_dir(out, seed), {**meta, "seed": seed})
+
+
+@pytest.mark.parametrize("kind", ["scratch", "lora"])
+def test_evaluate_model_pools_every_seed_and_loads_the_source_from_the_model_folder(tmp_path, kind):
+    """LoRA rebuilds its base from the spec in model_meta.json: no `sources` params are involved."""
+    from transferlab.data.splits import load_prepared
+    from transferlab.evaluation.predictions import deployed_latency_ms, evaluate_model
+    from transferlab.models.costs import count_parameters
+
+    _write_prepared(tmp_path / "prepared")
+    _write_models(tmp_path / "models", kind)
+    data = load_prepared(tmp_path / "prepared")
+    ev = evaluate_model(tmp_path / "models", data, seed=PIPELINE_SEED, pretrained_dir=tmp_path / "pretrain")
+    m = ev.metrics
+    assert m["seeds"] == 2 and set(m["per_seed"]) == {"0", "1"} and m["test_samples"] == 15
+    assert m["test_accuracy"] == pytest.approx(np.mean([r["test_accuracy"] for r in m["per_seed"].values()]), abs=1e-6)
+    assert m["params_millions"] == round(count_parameters(ev.model) / 1e6, 4) and m["artifact_size_mb"] > 0
+    assert "confusion" not in m and np.asarray(ev.confusion).sum() == 30
+    frame = ev.predictions
+    assert len(frame) == 30 and list(frame["seed"].unique()) == [0, 1]
+    assert list(frame.columns) == ["sample_id", "seed", "y_true", "y_pred", "p_a", "p_b", "p_c"]
+    for seed, rows in frame.groupby("seed"):
+        acc = float((rows["y_pred"] == rows["y_true"]).mean())
+        assert m["per_seed"][str(seed)]["test_accuracy"] == pytest.approx(acc, abs=1e-6)
+    assert list(ev.confusion_rows.columns) == ["actual", "predicted"] and len(ev.confusion_rows) == 30
+    again = evaluate_model(tmp_path / "models", data, seed=PIPELINE_SEED, pretrained_dir=tmp_path / "pretrain")
+    assert again.metrics == m and again.predictions.equals(frame)
+    perf = deployed_latency_ms(ev, data.images["test"], 4)
+    assert set(perf) == {"latency_ms_per_image_batch1", "latency_ms_per_image_batch32"}
+    assert all(v > 0 for v in perf.values())
+
+
+def test_evaluate_model_names_the_fix_for_a_model_saved_without_its_source_spec(tmp_path):
+    from transferlab.core.io import read_json, write_json
+    from transferlab.data.splits import load_prepared
+    from transferlab.evaluation.predictions import evaluate_model
+
+    _write_prepared(tmp_path / "prepared")
+    _write_models(tmp_path / "models", "scratch", seeds=(0,))
+    path = tmp_path / "models" / "seed_0" / "model_meta.json"
+    write_json(path, {k: v for k, v in read_json(path).items() if k != "source_spec"})
+    with pytest.raises(ValueError, match=r"no \['source_spec'\].*train@scratch"):
+        evaluate_model(tmp_path / "models", load_prepared(tmp_path / "prepared"), seed=0, pretrained_dir=tmp_path)
+
+
+def test_audit_reevaluate_reruns_evaluate_on_the_paths_of_its_locked_command(tmp_path):
+    """`audit --reevaluate` recomputes what evaluate@ wrote (same function, the paths dvc.lock names), and a
+    recorded number that was edited afterwards is a mismatch."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    from transferlab.data.splits import load_prepared
+    from transferlab.evaluation.predictions import evaluate_model
+    from transferlab.provenance.audit import AuditError, StrategyAudit, check_reevaluation, reevaluate
+
+    root = tmp_path
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", root / "params.yaml")
+    _write_prepared(root / "inputs" / "prepared")
+    _write_models(root / "trained" / "scratch", "scratch")
+    cmd = (
+        "python -m stages.evaluate --strategy scratch --prepared inputs/prepared --model trained/scratch "
+        "--metrics metrics/eval/scratch.json --predictions predictions/scratch.csv"
+    )
+    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"evaluate@scratch": {"cmd": cmd}}}))
+    recorded = evaluate_model(
+        root / "trained" / "scratch",
+        load_prepared(root / "inputs" / "prepared"),
+        seed=PIPELINE_SEED,
+        pretrained_dir=root / "models" / "pretrain",
+    ).metrics
+    recomputed = reevaluate(root, "scratch")
+    assert recomputed == recorded
+    a = StrategyAudit("scratch", "workspace", "0" * 40)
+    check_reevaluation(a, recomputed, recorded)
+    assert a.checks[-1].status == "ok"
+    check_reevaluation(a, recomputed, {**recorded, "macro_f1": recorded["macro_f1"] + 0.01})
+    assert a.checks[-1].status == "mismatch" and "macro_f1" in a.checks[-1].detail
+    with pytest.raises(AuditError, match="evaluate@lora"):
+        reevaluate(root, "lora")

@@ -111,6 +111,12 @@ def test_recording_view_records_each_key_read():
     assert sorted(view.pretrain) == sorted(params.pretrain)
     assert reads == {"strategies", "train", "pretrain"}
     assert type(pickle.loads(pickle.dumps(view.data))) is type(params.data)
+    reads.clear()
+    view.tune.model_dump(exclude={"space", "strategies"})
+    view.agreement.model_dump(include={"n_bootstrap"})
+    assert reads == {f"tune.{f}" for f in type(params.tune).model_fields} - {"tune.space", "tune.strategies"} | {
+        "agreement.n_bootstrap"
+    }
     with pytest.raises(TypeError, match="read-only"):
         view.seed = 1
     with pytest.raises(TypeError, match="read-only"):
@@ -196,4 +202,5 @@ def test_every_stage_declares_the_params_it_reads(tmp_path, monkeypatch):
     # Every stage that ran loaded its params through params_or_exit, so none escaped the recording.
     assert sorted(declared) == sorted(reads)
     assert reads["pretrain"] >= {"pretrain", "seed"}
-    assert undeclared_reads(reads, declared) == {}
+    bad = undeclared_reads(reads, declared)
+    assert not bad, f"stages read params keys their dvc.yaml `params:` do not declare (declare or stop reading): {bad}"

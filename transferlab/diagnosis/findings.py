@@ -1,10 +1,10 @@
 """Findings: what went wrong in a transfer, measured, each with its evidence, a severity and a remedy.
 
-One function per problem turns measurements (from `diagnostics`) into findings:
+One function per problem turns measurements (from `measures`) into findings:
 negative transfer, catastrophic forgetting (exact for in-pipeline sources, by proxy for ImageNet ones),
 domain shift, learning-rate sensitivity, over-fitting and failed training. The checks in
 `transferlab.diagnosis.checks` call them, run the remedies and attach their before/after numbers with
-`remedy_result`; `to_markdown` writes the report.
+`remedy_result`; `reporting.diagnosis_md.to_markdown` writes the report.
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ from transferlab.diagnosis.measures import (
     bn_statistics_gap,
     linear_cka,
     mmd_permutation_test,
-    paired_bootstrap_gain,
     prediction_agreement,
     proxy_a_distance,
     train_val_gap,
     weight_drift,
 )
+from transferlab.evaluation.stats import paired_bootstrap_gain
 from transferlab.models.inference import to_input
 from transferlab.models.sources import block_groups
+from transferlab.training.loop import training_failure
 
 SEVERITIES = ("ok", "info", "warning", "critical")
 # The report's order of finding types; a type not listed here goes after them, alphabetically.
@@ -59,7 +60,8 @@ def finding(kind: str, subject: str, flagged: bool, severity: str, evidence: dic
 
 
 def _gain(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_bootstrap: int, seed: int, confidence: float = 0.95) -> dict:
-    g = paired_bootstrap_gain(y, a, b, n_bootstrap=n_bootstrap, seed=seed, confidence=confidence)
+    """Accuracy gain of `a` over `b` with its paired bootstrap interval, rounded (the project's one bootstrap)."""
+    g = paired_bootstrap_gain(y, a, b, metric="accuracy", n_bootstrap=n_bootstrap, seed=seed, confidence=confidence)
     return {k: round(float(g[k]), 6) for k in ("gain", "ci_low", "ci_high")}
 
 
@@ -348,15 +350,15 @@ def resolution(source: str, target_size: int, source_size: int, *, ratio_thresho
     )
 
 
-def training_failed(
-    name: str, seed: int, history: list[dict], record: dict, num_classes: int, *, accuracy_margin: float
-) -> dict:
-    """Did a training run fail? From its per-epoch history and its train-metrics record.
+def training_failed(name: str, seed: int, history: list[dict], record: dict, num_classes: int) -> dict:
+    """Did a training run fail? The train stage's own rule, `training.loop.training_failure`, applied to the
+    run's per-epoch history, beside the verdict the train stage recorded.
 
-    Failed when any of: the train stage says so (`training_failed`, with `failure_reason`); the best
-    validation accuracy is within `accuracy_margin` of chance (1/C); the training loss never falls below
-    95% of ln(C), the loss of a uniform guess (it did not learn); the loss is not finite or ends above 1.5x
-    where it started (divergence).
+    Failed when any of: the train stage recorded a failure (`training_failed`, with `failure_reason`);
+    `training_failure` flags the history (best validation accuracy near chance, or a training loss that never
+    fell well below ln(C), the loss of a uniform guess: its thresholds, not a second set); the history is empty,
+    or a loss in it is not finite (a divergence, which the training loop itself stops on). One rule for both
+    stages: a run diagnosed as failed is one the train stage marks failed and the comparison gives no verdict.
 
     Returns:
         A `training_failed` finding (critical) with the loss curve's first/last values, the best validation
@@ -366,22 +368,20 @@ def training_failed(
     ln_c = float(np.log(num_classes))
     loss = np.array([float(r.get("train_loss", np.nan)) for r in history], dtype=float)
     val = np.array([float(r.get("val_accuracy", np.nan)) for r in history], dtype=float)
+    best_val = float(np.nanmax(val)) if np.isfinite(val).any() else None
     reasons = []
     if record.get("training_failed"):
         reasons.append(f"train stage: {record.get('failure_reason') or 'failed'}")
     if len(history) == 0:
         reasons.append("no history")
-    else:
-        best_val = float(np.nanmax(val)) if np.isfinite(val).any() else float("nan")
-        if not np.isfinite(best_val) or best_val <= chance + accuracy_margin:
-            reasons.append("validation accuracy at chance")
-        if not np.isfinite(loss).all():
-            reasons.append("loss not finite (diverged)")
-        else:
-            if loss.min() >= 0.95 * ln_c:
-                reasons.append("loss never fell below ln(C)")
-            if len(loss) > 1 and loss[-1] > 1.5 * loss[0]:
-                reasons.append("loss grew (diverging)")
+    elif not np.isfinite(loss).all():
+        reasons.append("loss not finite (diverged)")
+    elif best_val is None:
+        reasons.append("no validation accuracy in the history")
+    elif not record.get("training_failed"):  # else the recorded reason is this rule's, on the same run
+        why = training_failure(history, num_classes, best_val)
+        if why:
+            reasons.append(f"history: {why}")
 
     def col(key: str) -> list | None:
         vals = [r.get(key) for r in history if r.get(key) is not None]
@@ -392,9 +392,9 @@ def training_failed(
         "epochs_run": len(history),
         "train_loss_first_last": col("train_loss"),
         "loss_at_chance_ln_c": round(ln_c, 6),
-        "best_val_accuracy": round(float(np.nanmax(val)), 6) if np.isfinite(val).any() else None,
+        "best_val_accuracy": round(best_val, 6) if best_val is not None else None,
         "chance_accuracy": round(chance, 6),
-        "accuracy_margin": accuracy_margin,
+        "rule": "transferlab.training.loop.training_failure",
         "lr_first_last": col("lr"),
         "grad_norm_first_last": col("grad_norm"),
         "lr_chosen_on_validation": record.get("lr"),

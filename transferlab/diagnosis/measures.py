@@ -3,8 +3,8 @@
 Pure functions over arrays, tensors and models; no file I/O and no global state. Each one answers one
 question a transfer report needs:
 
-* ``paired_bootstrap_gain``: does the transferred model really beat scratch (or another technique) on
-  this test set, or is the gain noise? Negative transfer shows up as a gain whose interval lies below 0.
+* Whether the transferred model really beats scratch (or another technique) on the test set, or the gain
+  is noise, is the project's one bootstrap: ``transferlab.evaluation.stats.paired_bootstrap_gain``.
 * ``linear_cka``: how much did the representation change between two checkpoints (or two models)?
 * ``mmd_permutation_test`` and ``proxy_a_distance``: how far apart are the source and target feature
   distributions (domain shift)?
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,57 +31,28 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from transferlab.evaluation.stats import labels_1d, to_numpy
+from transferlab.models.batchnorm import ChannelMoments
+from transferlab.models.inference import module_device
+
 __all__ = [
     "bn_statistics_gap",
     "stratified_indices",
     "linear_cka",
     "mmd_permutation_test",
-    "paired_bootstrap_gain",
     "prediction_agreement",
     "proxy_a_distance",
     "train_val_gap",
     "weight_drift",
 ]
 
-# Upper bound on the number of elements of one block of the bootstrap index matrix (int64: 32 MB).
-_BOOTSTRAP_BLOCK_ELEMENTS = 4_000_000
-
-
 # --------------------------------------------------------------------------------------------------
 # validation helpers
 # --------------------------------------------------------------------------------------------------
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
-def _check_no_nan(arr: np.ndarray, name: str) -> None:
-    if arr.dtype.kind in "fc":
-        if np.isnan(arr).any():
-            raise ValueError(f"{name} contains NaN values")
-    elif arr.dtype.kind == "O":
-        for v in arr.ravel():
-            if isinstance(v, float) and math.isnan(v):
-                raise ValueError(f"{name} contains NaN values")
-            if v is None:
-                raise ValueError(f"{name} contains None values")
-
-
-def _labels_1d(value: Any, name: str) -> np.ndarray:
-    arr = _to_numpy(value)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D array of labels, got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty")
-    _check_no_nan(arr, name)
-    return arr
-
-
 def _float_2d(value: Any, name: str, *, allow_1d: bool = True) -> np.ndarray:
-    arr = _to_numpy(value)
+    arr = to_numpy(value)
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
     arr = arr.astype(np.float64, copy=False)
@@ -99,116 +70,8 @@ def _float_2d(value: Any, name: str, *, allow_1d: bool = True) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
-# 1. paired bootstrap of a metric gain
+# 1. stratified subsets (probe images, reference samples)
 # --------------------------------------------------------------------------------------------------
-
-
-def _macro_f1_rows(y_idx: np.ndarray, p_idx: np.ndarray, n_classes: int) -> np.ndarray:
-    """Macro F1 of every row of (b, n) code matrices, matching sklearn's ``f1_score(average='macro')``.
-
-    Per class F1 = 2 TP / (n_true + n_pred); classes absent from both the row's truth and its predictions
-    are left out of the mean, as sklearn does (it averages over the labels present in either).
-    """
-    b = y_idx.shape[0]
-    offsets = (np.arange(b, dtype=np.int64) * n_classes)[:, None]
-    flat_true = (y_idx + offsets).ravel()
-    flat_pred = (p_idx + offsets).ravel()
-    size = b * n_classes
-    n_true = np.bincount(flat_true, minlength=size).reshape(b, n_classes)
-    n_pred = np.bincount(flat_pred, minlength=size).reshape(b, n_classes)
-    hits = (y_idx == p_idx).ravel()
-    tp = np.bincount(flat_true[hits], minlength=size).reshape(b, n_classes)
-    denom = n_true + n_pred
-    present = denom > 0
-    f1 = np.divide(2.0 * tp, denom, out=np.zeros((b, n_classes)), where=present)
-    return f1.sum(axis=1) / present.sum(axis=1)
-
-
-def _metric_rows(y_idx: np.ndarray, p_idx: np.ndarray, metric: str, n_classes: int) -> np.ndarray:
-    if metric == "accuracy":
-        return (y_idx == p_idx).mean(axis=1)
-    return _macro_f1_rows(y_idx, p_idx, n_classes)
-
-
-def paired_bootstrap_gain(
-    y_true: Any,
-    pred_a: Any,
-    pred_b: Any,
-    *,
-    metric: Literal["accuracy", "macro_f1"] = "accuracy",
-    n_bootstrap: int = 2000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Paired bootstrap confidence interval for ``metric(pred_a) - metric(pred_b)`` on one test set.
-
-    The test indices are resampled with replacement ``n_bootstrap`` times; each resample is applied to both
-    predictors (paired design), so the interval reflects the uncertainty of the *difference*, not of each
-    score (Efron & Tibshirani, "An Introduction to the Bootstrap", 1993, percentile interval; paired test-set
-    resampling as in Koehn, EMNLP 2004, and Berg-Kirkpatrick et al., EMNLP 2012). Macro F1 follows
-    sklearn's ``f1_score(average='macro')``: per-class F1 = 2TP / (n_true + n_pred), averaged over the
-    classes present in the (resampled) truth or predictions.
-
-    Args:
-        y_true: 1-D array of true labels (ints or strings), length n.
-        pred_a: 1-D array of labels predicted by model A (e.g. the transferred model), length n.
-        pred_b: 1-D array of labels predicted by model B (e.g. the scratch baseline), length n.
-        metric: ``"accuracy"`` or ``"macro_f1"``.
-        n_bootstrap: number of paired resamples (>= 1).
-        confidence: coverage of the percentile interval, in (0, 1).
-        seed: seed of the numpy generator; the result is deterministic for a seed.
-
-    Returns:
-        ``{"gain", "ci_low", "ci_high", "prob_gain_le_0"}``: the gain on the full test set, the
-        percentile interval of the resampled gains, and the fraction of resamples whose gain is <= 0 (the
-        bootstrap probability that the gain is not positive; not a p-value of a null-hypothesis test: the
-        resamples are drawn around the observed gain, not under a null of no difference).
-
-    Raises:
-        ValueError: unknown metric, bad ``n_bootstrap``/``confidence``, arrays that are not 1-D, are empty,
-            differ in length or contain NaN/None.
-    """
-    if metric not in ("accuracy", "macro_f1"):
-        raise ValueError(f"metric must be 'accuracy' or 'macro_f1', got {metric!r}")
-    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 1:
-        raise ValueError(f"n_bootstrap must be a positive integer, got {n_bootstrap!r}")
-    if not 0.0 < float(confidence) < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    y = _labels_1d(y_true, "y_true")
-    a = _labels_1d(pred_a, "pred_a")
-    b = _labels_1d(pred_b, "pred_b")
-    if not (len(y) == len(a) == len(b)):
-        raise ValueError(f"y_true, pred_a and pred_b must have the same length, got {len(y)}, {len(a)} and {len(b)}")
-    n = len(y)
-    try:
-        classes, codes = np.unique(np.concatenate([y, a, b]), return_inverse=True)
-    except TypeError as exc:  # mixed, unorderable label types
-        raise ValueError(f"labels of y_true, pred_a and pred_b cannot be compared: {exc}") from exc
-    codes = codes.reshape(-1).astype(np.int64)
-    y_c, a_c, b_c = codes[:n], codes[n : 2 * n], codes[2 * n :]
-    k = len(classes)
-
-    gain = float(
-        _metric_rows(y_c[None, :], a_c[None, :], metric, k)[0] - _metric_rows(y_c[None, :], b_c[None, :], metric, k)[0]
-    )
-
-    rng = np.random.default_rng(seed)
-    block = max(1, _BOOTSTRAP_BLOCK_ELEMENTS // max(n, k))
-    gains = np.empty(int(n_bootstrap), dtype=np.float64)
-    for start in range(0, int(n_bootstrap), block):
-        stop = min(int(n_bootstrap), start + block)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        y_idx = y_c[idx]
-        gains[start:stop] = _metric_rows(y_idx, a_c[idx], metric, k) - _metric_rows(y_idx, b_c[idx], metric, k)
-
-    alpha = 1.0 - float(confidence)
-    ci_low, ci_high = np.quantile(gains, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return {
-        "gain": gain,
-        "ci_low": float(ci_low),
-        "ci_high": float(ci_high),
-        "prob_gain_le_0": float(np.mean(gains <= 0.0)),
-    }
 
 
 def stratified_indices(labels: Any, n: int, *, seed: int) -> np.ndarray:
@@ -229,7 +92,7 @@ def stratified_indices(labels: Any, n: int, *, seed: int) -> np.ndarray:
     Raises:
         ValueError: labels not 1-D or empty, n < 1.
     """
-    y = _labels_1d(labels, "labels")
+    y = labels_1d(labels, "labels")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if n >= len(y):
@@ -465,32 +328,6 @@ def proxy_a_distance(x: Any, y: Any, *, seed: int = 0) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-class _ChannelMoments:
-    """Running per-channel mean and sum of squared deviations, merged batch by batch (Chan et al., 1979)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-
-    def update(self, act: torch.Tensor) -> None:
-        a = act.detach().to(device="cpu", dtype=torch.float64)
-        a = a.transpose(0, 1).reshape(a.shape[1], -1)  # (C, B*H*W)
-        nb = a.shape[1]
-        if nb == 0:
-            return
-        mean_b = a.mean(dim=1)
-        m2_b = ((a - mean_b[:, None]) ** 2).sum(dim=1)
-        if self.mean is None or self.m2 is None:
-            self.count, self.mean, self.m2 = nb, mean_b, m2_b
-            return
-        total = self.count + nb
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (nb / total)
-        self.m2 = self.m2 + m2_b + delta**2 * (self.count * nb / total)
-        self.count = total
-
-
 def bn_statistics_gap(model: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 64) -> list[dict]:
     """Gap between each BatchNorm2d layer's running (source) statistics and the target activations.
 
@@ -541,16 +378,12 @@ def bn_statistics_gap(model: torch.nn.Module, images: torch.Tensor, *, batch_siz
     if not layers:
         return []
 
-    first = next(iter(model.parameters()), None)
-    if first is None:
-        first = next(iter(model.buffers()), None)
-    device = first.device if first is not None else torch.device("cpu")
-
-    moments = {name: _ChannelMoments() for name, _ in layers}
+    device = module_device(model)
+    moments = {name: ChannelMoments() for name, _ in layers}
     handles = []
     for name, mod in layers:
 
-        def hook(_module: torch.nn.Module, inputs: tuple, _acc: _ChannelMoments = moments[name]) -> None:
+        def hook(_module: torch.nn.Module, inputs: tuple, _acc: ChannelMoments = moments[name]) -> None:
             _acc.update(inputs[0])
 
         handles.append(mod.register_forward_pre_hook(hook))
@@ -570,11 +403,11 @@ def bn_statistics_gap(model: torch.nn.Module, images: torch.Tensor, *, batch_siz
     out: list[dict] = []
     for name, mod in layers:
         acc = moments[name]
-        if acc.mean is None or acc.m2 is None or acc.count == 0:
+        if not acc.seen:
             continue  # layer not reached by the forward pass
         eps = float(mod.eps)
         mu_t = acc.mean.numpy()
-        var_t = (acc.m2 / acc.count).numpy()
+        var_t = acc.variance.numpy()
         mu_s = mod.running_mean.detach().to("cpu", torch.float64).numpy()
         var_s = mod.running_var.detach().to("cpu", torch.float64).numpy()
         v_s = np.maximum(var_s, 0.0) + eps

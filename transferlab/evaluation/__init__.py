@@ -1,7 +1,8 @@
-"""Judging trained models: test metrics (`metrics`: accuracy, macro F1, calibration, latency), the
-classical baselines (`baselines`: raw-pixel and TF-IDF logistic regression), every strategy against
-the baseline with the seed-and-sample bootstrap, verdicts and the recommendation (`comparison`), and the
-per-sample predictions files (`predictions`).
+"""Judging trained models: test metrics (`metrics`: accuracy, macro F1, calibration), the one macro F1
+and the one bootstrap of a gain (`stats`), the classical baselines (`baselines`: raw-pixel and TF-IDF
+logistic regression), every strategy against the baseline with the seed-and-sample bootstrap, verdicts and
+the recommendation (`comparison`), and evaluate@'s computation with its per-sample predictions files
+(`predictions`: `evaluate_model`, which `transferlab audit --reevaluate` reruns).
 
 Layer: beside `scoring` (neither imports the other), above `config`; may import any layer below.
 """

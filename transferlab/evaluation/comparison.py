@@ -3,8 +3,9 @@ is about, and the recommendation.
 
 * The interval of a gain covers test samples AND training seeds: each bootstrap replicate resamples the
   test samples (paired: the same samples for both sides) and, independently for each side, its training
-  seeds (with replacement), then compares the seed-averaged metric. With one seed it reduces to the paired
-  test-sample bootstrap.
+  seeds (with replacement), then compares the seed-averaged metric (`stats.paired_bootstrap_gain`, the
+  project's one bootstrap; macro F1 over all classes, `stats.macro_f1_rows`). With one seed it reduces to the
+  paired test-sample bootstrap.
 * A verdict needs trustworthy inputs: when either side's training failed or hit its epoch cap before a
   validation plateau, the verdict is "inconclusive (training failed)" / "inconclusive (under-trained)",
   never better / worse.
@@ -25,6 +26,7 @@ import numpy as np
 
 from transferlab.core import layout
 from transferlab.core.io import read_json
+from transferlab.evaluation.stats import paired_bootstrap_gain
 from transferlab.params import BaselineParams, CompareParams, TrainParams
 
 INTERVAL_COVERS = "test samples (paired bootstrap) and training seeds (resampled with replacement per model)"
@@ -44,86 +46,6 @@ def describe(classical: str) -> str:
 def verdict(ci_low: float, ci_high: float) -> str:
     """'better' / 'worse' when the whole interval is on one side of zero, else 'inconclusive'."""
     return "better" if ci_low > 0 else "worse" if ci_high < 0 else "inconclusive"
-
-
-def _macro_f1(y: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
-    """Macro F1 over `num_classes` labels (a class absent from both y and pred scores 0, as sklearn's
-    zero_division=0 does)."""
-    tp = np.bincount(y[y == pred], minlength=num_classes).astype(float)
-    fp = np.bincount(pred, minlength=num_classes) - tp
-    fn = np.bincount(y, minlength=num_classes) - tp
-    denom = 2 * tp + fp + fn
-    f1 = np.divide(2 * tp, denom, out=np.zeros(num_classes), where=denom > 0)
-    return float(f1.mean())
-
-
-def seed_sample_bootstrap_gain(
-    y_true: np.ndarray,
-    pred_a: np.ndarray,
-    pred_b: np.ndarray,
-    *,
-    metric: str,
-    n_bootstrap: int,
-    confidence: float,
-    seed: int,
-) -> dict[str, float]:
-    """Gain of model A over model B with a bootstrap over test samples and training seeds.
-
-    Args:
-        y_true: (n,) test labels.
-        pred_a, pred_b: (k_a, n) and (k_b, n) predicted labels, one row per training seed, columns aligned
-            on the same test samples.
-        metric: 'accuracy' or 'macro_f1'.
-        n_bootstrap, confidence, seed: the bootstrap.
-
-    Returns:
-        {'gain' (seed-averaged A minus B on all samples), 'ci_low', 'ci_high' (percentile interval),
-        'prob_gain_le_0' (the bootstrap probability that the gain is <= 0), 'seed_sd_a', 'seed_sd_b'
-        (the metric's standard deviation over each side's seeds)}.
-
-    Raises:
-        ValueError: shapes disagree or the metric is unknown.
-    """
-    pred_a, pred_b = np.atleast_2d(pred_a), np.atleast_2d(pred_b)
-    n = len(y_true)
-    if pred_a.shape[1] != n or pred_b.shape[1] != n:
-        raise ValueError(f"predictions {pred_a.shape} / {pred_b.shape} do not match {n} test labels")
-    if metric not in ("accuracy", "macro_f1"):
-        raise ValueError(f"metric must be 'accuracy' or 'macro_f1', got {metric!r}")
-    num_classes = int(max(y_true.max(), pred_a.max(), pred_b.max())) + 1
-
-    def score(pred: np.ndarray, idx: np.ndarray) -> float:
-        if metric == "accuracy":
-            return float((pred[idx] == y_true[idx]).mean())
-        return _macro_f1(y_true[idx], pred[idx], num_classes)
-
-    everything = np.arange(n)
-    per_a = [score(p, everything) for p in pred_a]
-    per_b = [score(p, everything) for p in pred_b]
-    gain = float(np.mean(per_a) - np.mean(per_b))
-    rng = np.random.default_rng(seed)
-    ka, kb = len(pred_a), len(pred_b)
-    gains = np.empty(n_bootstrap)
-    correct_a = pred_a == y_true
-    correct_b = pred_b == y_true
-    for i in range(n_bootstrap):
-        idx = rng.integers(0, n, n)
-        sa = rng.integers(0, ka, ka)
-        sb = rng.integers(0, kb, kb)
-        if metric == "accuracy":
-            gains[i] = correct_a[sa][:, idx].mean() - correct_b[sb][:, idx].mean()
-        else:
-            gains[i] = np.mean([score(pred_a[s], idx) for s in sa]) - np.mean([score(pred_b[s], idx) for s in sb])
-    alpha = 1 - confidence
-    lo, hi = np.quantile(gains, [alpha / 2, 1 - alpha / 2])
-    return {
-        "gain": gain,
-        "ci_low": float(lo),
-        "ci_high": float(hi),
-        "prob_gain_le_0": float((gains <= 0).mean()),
-        "seed_sd_a": float(np.std(per_a, ddof=1)) if ka > 1 else 0.0,
-        "seed_sd_b": float(np.std(per_b, ddof=1)) if kb > 1 else 0.0,
-    }
 
 
 def trust(train: dict | None) -> str | None:
@@ -277,7 +199,7 @@ def compare_to_baseline(
         if name != baseline:
             gains = {}
             for metric in ("accuracy", "macro_f1"):
-                g = seed_sample_bootstrap_gain(
+                g = paired_bootstrap_gain(
                     y_true,
                     predictions[name],
                     base,
@@ -303,7 +225,7 @@ def compare_to_baseline(
     if choice is not None:
         rec["test_accuracy"] = rows[choice]["test_accuracy"]
         if choice != classical and classical in predictions:
-            g = seed_sample_bootstrap_gain(
+            g = paired_bootstrap_gain(
                 y_true,
                 predictions[choice],
                 predictions[classical],

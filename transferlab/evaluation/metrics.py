@@ -1,14 +1,13 @@
 """Test-set metrics for one trained model: accuracy, balanced accuracy, macro and per-class precision /
-recall / F1, confusion matrix, calibration (ECE, NLL), and latency per image (CPU unless a device is given)."""
+recall / F1, confusion matrix, calibration (ECE, NLL). (Latency per image: `models.costs.latency_ms`.)
+
+`macro_f1` here is sklearn's over all the task's classes (`labels=range(C)`, `zero_division=0`); the
+bootstrap's vectorised `evaluation.stats.macro_f1_rows` computes the same number and is tested against it."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
-import torch
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
-from torch import nn
 
 
 def expected_calibration_error(proba: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> float:
@@ -58,45 +57,3 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: l
         },
         "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
-
-
-@torch.no_grad()
-def latency_ms_per_image(
-    model: nn.Module,
-    example: torch.Tensor,
-    n_images: int,
-    batch_size: int = 1,
-    *,
-    device: torch.device | str | None = None,
-) -> float:
-    """Median wall time per image at `batch_size`, after two warm-up batches (milliseconds).
-
-    On the CPU by default: the deployment latency this project reports. With a CUDA `device` the model is
-    moved there, run in float32 (what is timed is the model as saved, not autocast), and each batch is
-    synchronised before the clock stops (CUDA kernels are asynchronous).
-    """
-    device = torch.device("cpu") if device is None else torch.device(device)
-    model.to(device).eval()
-    x = example[:batch_size]
-    if len(x) < batch_size:
-        x = x.repeat(math_ceil(batch_size, len(x)), *([1] * (x.dim() - 1)))[:batch_size]  # images or token ids
-    x = x.to(device)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(2):
-        model(x)
-    sync()
-    times = []
-    for _ in range(max(1, n_images // batch_size)):
-        t = time.perf_counter()
-        model(x)
-        sync()
-        times.append((time.perf_counter() - t) / batch_size)
-    return float(np.median(times) * 1000)
-
-
-def math_ceil(a: int, b: int) -> int:
-    return -(-a // b)

@@ -74,16 +74,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters of `model` (trainable or not; shared parameters counted once).
+def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of parameter elements of `model` (shared parameters counted once): the project's one count,
+    behind a source's size (`cost_profile`), a model's `trainable_params` / `total_params` and evaluate@'s
+    `params_millions`.
 
     Args:
         model: any module.
+        trainable_only: count only the parameters that require a gradient.
 
     Returns:
-        The total number of parameter elements.
+        The number of parameter elements (all of them, or the trainable ones).
     """
-    return int(sum(p.numel() for p in model.parameters()))
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only))
 
 
 def flops_per_image(model: nn.Module, image_size: int) -> int:
@@ -208,34 +211,56 @@ def train_step_memory_bytes(model: nn.Module, image_size: int, batch_size: int =
 
 
 def latency_ms(
-    model: nn.Module, image_size: int, batch_size: int, *, repeats: int = 10, warmup: int = 2, seed: int = 0
+    model: nn.Module,
+    image_size: int | None,
+    batch_size: int,
+    *,
+    repeats: int = 10,
+    warmup: int = 2,
+    seed: int = 0,
+    example: torch.Tensor | None = None,
 ) -> float:
-    """Median wall time per image, in milliseconds, of an inference forward pass at `batch_size`.
+    """Median wall time per image, in milliseconds, of an inference forward pass at `batch_size`: the
+    project's one latency timer (a candidate source's cost, evaluate@'s deployed model).
 
-    Runs `warmup` untimed then `repeats` timed forward passes in eval mode under `torch.no_grad()` on a random
-    `(batch_size, 3, image_size, image_size)` batch (on the model's device, synchronising CUDA), takes the median
-    of the per-pass times and divides it by `batch_size`. The model's flags are restored afterwards.
+    Runs `warmup` untimed then `repeats` timed forward passes in eval mode under `torch.no_grad()` on one
+    batch (on the model's device, synchronising CUDA), takes the median of the per-pass times and divides it
+    by `batch_size`. The batch is random, `(batch_size, 3, image_size, image_size)` (token ids of length
+    `image_size` for a text model), or the first `batch_size` rows of `example`, tiled when it has fewer. The
+    model's flags are restored afterwards; it is timed where it is (move it to the CPU to time the CPU).
 
     This is wall time: it varies from run to run, with machine load, thread count and hardware, so keep it out
     of reproducible metrics files (see `cost_profile`, which returns it separately).
 
     Args:
-        model: a module taking a `(N, 3, H, W)` batch.
-        image_size: side of the square input images in pixels.
+        model: a module taking a `(N, 3, H, W)` batch (or `(N, L)` token ids).
+        image_size: side of the square input images in pixels; unused (may be None) with `example`.
         batch_size: images per forward pass.
         repeats: timed forward passes (the median is taken over them).
         warmup: untimed forward passes before timing.
         seed: seed of the random input batch.
+        example: real inputs to time instead of a random batch (images or token ids, as the model takes them).
 
     Returns:
         The median milliseconds per image.
     """
-    _check_positive("image_size", image_size)
     _check_positive("batch_size", batch_size)
     _check_positive("repeats", repeats)
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup!r}")
-    x = _random_batch(model, batch_size, image_size, seed=seed)
+    if example is None:
+        if image_size is None:
+            raise ValueError("image_size must be a positive integer when no example batch is given, got None")
+        _check_positive("image_size", image_size)
+        x = _random_batch(model, batch_size, image_size, seed=seed)
+    else:
+        if len(example) == 0:
+            raise ValueError("example holds no inputs to time")
+        x = example[:batch_size]
+        if len(x) < batch_size:
+            x = x.repeat(-(-batch_size // len(x)), *([1] * (x.dim() - 1)))[:batch_size]
+        device, dtype = _device_and_dtype(model)
+        x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
     device = x.device
     times: list[float] = []
     with _eval_mode(model), torch.no_grad():

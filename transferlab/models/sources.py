@@ -356,10 +356,11 @@ def block_groups(model: nn.Module) -> list[list[str]]:
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total
+    """(trainable, total) parameter counts, both by `costs.count_parameters` (the one count). Kept for the
+    callers that import it from here (`training.protocol`); new code calls `count_parameters`."""
+    from transferlab.models.costs import count_parameters
+
+    return count_parameters(model, trainable_only=True), count_parameters(model)
 
 
 def read_selection(path: str | Path) -> tuple[str, SourceSpec]:

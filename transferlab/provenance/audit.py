@@ -13,7 +13,8 @@ and returns a table of checks:
 * skipped:  nothing to check against (no MLflow database, no provenance record), said why.
 
 Any mismatch or flag makes the verdict fail. `reevaluate()` reloads the saved model and recomputes the test
-metrics (the evaluate stage's computation), to compare them with the recorded ones.
+metrics with the evaluate stage's own function (`evaluation.predictions.evaluate_model`, on the paths of its
+dvc.lock command), to compare them with the recorded ones (`check_reevaluation`).
 """
 
 from __future__ import annotations
@@ -509,51 +510,63 @@ def audit(root: str | Path = ".", target: str = "champion", *, uri: str | None =
     return report
 
 
-def reevaluate(
-    root: str | Path, strategy: str, params_path: str = "params.yaml", prepared: str = "data/prepared"
-) -> dict:
-    """Reload every seed's saved model of `strategy` and recompute its test metrics, as `evaluate@` does.
-
-    Returns:
-        {'test_accuracy', 'balanced_accuracy', 'macro_f1', 'per_seed': {seed: {...}}} (pooled over seeds).
+def evaluate_command_args(root: str | Path, strategy: str) -> dict[str, str]:
+    """The path arguments of `evaluate@<strategy>`'s command as the working tree's dvc.lock records it
+    (`--prepared`, `--model`, `--pretrained-dir`, ...; dvc.yaml owns these paths, the audit only reads them).
 
     Raises:
+        AuditError: dvc.lock has no `evaluate@<strategy>` stage (run `dvc repro` first).
+    """
+    import shlex
+
+    stage = rv.read_lock(Path(root), rv.WORKSPACE).get(f"evaluate@{strategy}")
+    if stage is None:
+        raise AuditError(f"dvc.lock has no evaluate@{strategy}: run `dvc repro evaluate@{strategy}` first")
+    words = shlex.split(stage.cmd)
+    return {
+        w.removeprefix("--"): v
+        for w, v in zip(words, words[1:], strict=False)
+        if w.startswith("--") and not v.startswith("--")
+    }
+
+
+def reevaluate(root: str | Path, strategy: str, params_path: str = "params.yaml", prepared: str | None = None) -> dict:
+    """Reload every seed's saved model of `strategy` and recompute its test metrics: evaluate@'s own
+    computation (`evaluation.predictions.evaluate_model`) on the paths its dvc.lock command names, with the
+    params it reads (`seed`, `train.num_threads`, `train.device`).
+
+    Args:
+        root: the repository root.
+        strategy: the strategy whose `models/<strategy>` folder is re-evaluated.
+        params_path: the params file, relative to `root`.
+        prepared: the prepared data folder (relative to `root`); default: evaluate@'s `--prepared`.
+
+    Returns:
+        The metrics as evaluate@ writes them to `metrics/eval/<strategy>.json`.
+
+    Raises:
+        AuditError: no evaluate@ stage in dvc.lock.
         FileNotFoundError: the model or the prepared data are missing (`dvc pull` / `dvc repro`).
     """
-    import numpy as np
-    import torch
-
     from transferlab.config import load_params
-    from transferlab.core import layout
+    from transferlab.core.device import resolve_device
     from transferlab.core.seeding import seed_everything
     from transferlab.data.splits import load_prepared
-    from transferlab.evaluation.metrics import classification_metrics
-    from transferlab.models.inference import predict_images
-    from transferlab.models.sources import load_source
-    from transferlab.strategies import get_strategy, strategy_config
+    from transferlab.evaluation.predictions import evaluate_model
 
     root = Path(root)
+    args = evaluate_command_args(root, strategy)
     params = load_params(root / params_path)
-    cfg = strategy_config(strategy, params.strategies.get(strategy))
-    strat = get_strategy(cfg.kind)
-    dirs = layout.seed_dirs(root / "models" / strategy)
-    meta = strat.read_meta(next(iter(dirs.values())))
-    src = meta["source"]
     seed_everything(params.seed, params.train.num_threads)
-    data = load_prepared(root / prepared)
-    images, y_true = data.images["test"], data.labels["test"]
-    probas, per_seed = [], {}
-    for seed, d in dirs.items():
-        model = strat.load(
-            d,
-            lambda: load_source(src, params.sources[src], seed=params.seed, pipeline_dir=root / "models" / "pretrain"),
-        )
-        proba = torch.softmax(predict_images(model, images, meta["mean"], meta["std"]), 1).numpy().astype(np.float64)
-        probas.append(proba)
-        m = classification_metrics(y_true, proba, data.class_names)
-        per_seed[str(seed)] = {k: m[k] for k in ("test_accuracy", "balanced_accuracy", "macro_f1")}
-    pooled = classification_metrics(np.concatenate([y_true] * len(probas)), np.concatenate(probas), data.class_names)
-    return {**{k: pooled[k] for k in ("test_accuracy", "balanced_accuracy", "macro_f1")}, "per_seed": per_seed}
+    data = load_prepared(root / (prepared or args["prepared"]))
+    ev = evaluate_model(
+        root / args["model"],
+        data,
+        seed=params.seed,
+        pretrained_dir=root / args.get("pretrained-dir", "models/pretrain"),  # the stage's default
+        device=resolve_device(params.train.device),
+    )
+    return ev.metrics
 
 
 def check_reevaluation(a: StrategyAudit, recomputed: dict, recorded: dict | None) -> None:

@@ -4,7 +4,7 @@
 
 * every metric that changed (the metrics files of dvc.yaml, flattened; the base's from `git show`);
 * for each strategy with predictions on both sides, the difference in test accuracy and macro F1 with a
-  bootstrap interval over test samples and training seeds (`comparison.seed_sample_bootstrap_gain`,
+  bootstrap interval over test samples and training seeds (`evaluation.stats.paired_bootstrap_gain`,
   paired on `sample_id`), marked "beyond noise" (the interval excludes zero) or "within noise". The
   base's predictions come from the DVC cache by the md5 in the base's `dvc.lock`; when they cannot be
   found, the review says so and that strategy falls back to the metrics diff;
@@ -236,7 +236,7 @@ def _strategy_diff(
     seed: int,
 ) -> StrategyDiff:
     from transferlab.core.layout import aligned_predictions
-    from transferlab.evaluation.comparison import seed_sample_bootstrap_gain
+    from transferlab.evaluation.stats import paired_bootstrap_gain
 
     if path_a is None or path_b is None:
         return StrategyDiff(
@@ -256,7 +256,7 @@ def _strategy_diff(
         )
     diff = StrategyDiff(name, f"base: {note_a}")
     for metric in GAIN_METRICS:
-        g = seed_sample_bootstrap_gain(
+        g = paired_bootstrap_gain(
             y_true,
             preds["rev"],
             preds["base"],

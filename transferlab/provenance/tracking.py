@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from transferlab.core.io import dict_sha256
+from transferlab.provenance.revisions import flatten  # the one nested-dict flattening (the audit reads it back)
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +109,6 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[lib] = "not installed"
     return versions
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 @contextlib.contextmanager

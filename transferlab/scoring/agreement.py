@@ -27,13 +27,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy.stats import spearmanr, weightedtau
 
+from transferlab.core.resampling import bootstrap_draws, percentile_interval
+
 if TYPE_CHECKING:
     import pandas as pd
 
     from transferlab.data.splits import Prepared
     from transferlab.params import Params
     from transferlab.strategies import StrategyConfig
-    from transferlab.training.protocol import TrainRecipe
+    from transferlab.training.recipe import TrainRecipe
 
 TOO_FEW = "too few candidates to judge"
 
@@ -62,9 +64,10 @@ def bootstrap_accuracies(
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Achieved accuracies and their bootstrap replicates, resampling seeds and test samples together.
 
-    Each replicate draws the seeds with replacement and, independently, the test samples with replacement;
-    a candidate's accuracy is then the mean correctness over the drawn seeds and samples. The same draws are
-    used for every candidate (the comparison is paired).
+    Each replicate draws the seeds with replacement and, independently, the test samples with replacement
+    (`core.resampling.bootstrap_draws`, the project's one resampling); a candidate's accuracy is then the mean
+    correctness over the drawn seeds and samples. The same draws are used for every candidate (the comparison
+    is paired, seeds included: the candidates' seed s are paired as their test samples are).
 
     Args:
         correct: candidate -> boolean per test sample, ``(N,)`` or ``(S, N)`` for S seeds; the same test
@@ -86,22 +89,23 @@ def bootstrap_accuracies(
         raise ValueError(f"every candidate needs the same (seeds, test samples); got {got}")
     c = np.stack(runs, axis=1).astype(np.float64)  # (S, K, N)
     n_seeds, _, n = c.shape
-    rng = np.random.default_rng(seed)
     boot = np.empty((n_bootstrap, len(names)))
-    for b in range(n_bootstrap):
-        seeds = rng.integers(0, n_seeds, n_seeds)
-        idx = rng.integers(0, n, n)
-        boot[b] = c[seeds][:, :, idx].mean(axis=(0, 2))
+    b = 0
+    # Seeds first, then samples, in every replicate: the draw order is part of the stream.
+    for seed_draws, sample_draws in bootstrap_draws(n_bootstrap, (n_seeds, n), seed=seed):
+        for seeds, idx in zip(seed_draws, sample_draws, strict=True):
+            boot[b] = c[seeds][:, :, idx].mean(axis=(0, 2))
+            b += 1
     return names, c.mean(axis=(0, 2)), boot
 
 
 def _ci(values: np.ndarray, confidence: float) -> list[float]:
+    """The percentile interval of the finite replicates, rounded; NaN when none is finite."""
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     if not len(v):
         return [float("nan"), float("nan")]
-    alpha = (1 - confidence) / 2
-    return [round(float(np.quantile(v, alpha)), 6), round(float(np.quantile(v, 1 - alpha)), 6)]
+    return [round(float(q), 6) for q in percentile_interval(v, confidence)]
 
 
 def _finite(values: dict[str, float | None], among: list[str]) -> list[str]:
@@ -152,8 +156,7 @@ def rank_agreement(
     tau, rho = _corr(est, acc)
     pairs = np.array([_corr(est, a) for a in boot])  # (B, 2)
     diffs = boot[:, :, None] - boot[:, None, :]
-    alpha = (1 - confidence) / 2
-    lo, hi = np.quantile(diffs, alpha, axis=0), np.quantile(diffs, 1 - alpha, axis=0)
+    lo, hi = percentile_interval(diffs, confidence, axis=0)
     iu = np.triu_indices(len(names), 1)
     resolved = int(((lo[iu] > 0) | (hi[iu] < 0)).sum())
     tau_ci = _ci(pairs[:, 0], confidence)
@@ -339,7 +342,7 @@ def agreement_recipes(params: Params, device: Any = None) -> dict[str, tuple[Str
     (only when `agreement.finetune_epochs` > 0): `agreement.finetune` at that epoch budget.
     """
     from transferlab.strategies import strategy_config
-    from transferlab.training.protocol import build_recipe
+    from transferlab.training.recipe import build_recipe
 
     raw = params.strategies.get("linear_probe") or {}
     if raw.get("kind", "linear_probe") != "linear_probe":

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import Field
 
+from transferlab.models.batchnorm import ChannelMoments
 from transferlab.models.sources import SourceModel, with_new_head
 from transferlab.strategies.base import Strategy, StrategyConfig, freeze_all, register_strategy
 
@@ -47,38 +48,6 @@ FULL_BATCH_BYTES = 2 * 1024**3
 class AdabnConfig(StrategyConfig):
     # Like linear_probe, only a linear head trains (a convex problem): a large step is safe.
     lr: float = Field(3e-3, gt=0, le=10)
-
-
-class _Moments:
-    """Per-channel count, mean and sum of squared deviations in float64, merged batch by batch (Chan et al.
-    1979): the exact population mean and variance whatever the batch sizes."""
-
-    def __init__(self) -> None:
-        self.count, self.mean, self.m2 = 0, None, None
-
-    def update(self, act: torch.Tensor) -> None:
-        import torch
-
-        a = act.detach().to(device="cpu", dtype=torch.float64).transpose(0, 1).reshape(act.shape[1], -1)
-        nb = a.shape[1]
-        if nb == 0:
-            return
-        mean_b = a.mean(dim=1)
-        m2_b = ((a - mean_b[:, None]) ** 2).sum(dim=1)
-        if self.mean is None:
-            self.count, self.mean, self.m2 = nb, mean_b, m2_b
-            return
-        total = self.count + nb
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (nb / total)
-        self.m2 = self.m2 + m2_b + delta**2 * (self.count * nb / total)
-        self.count = total
-
-    def store(self, bn: BatchNorm) -> None:
-        """Write the population mean and variance (divisor N, what BN normalises with) into `bn`."""
-        bn.running_mean.copy_(self.mean.to(bn.running_mean.dtype))
-        bn.running_var.copy_((self.m2 / self.count).to(bn.running_var.dtype))
-        bn.num_batches_tracked.fill_(1)
 
 
 class _Stop(Exception):
@@ -158,7 +127,7 @@ def _reestimate_bn_stats(
             else "layer_by_layer"
         )
         if mode == "full_batch":
-            moments = {b: _Moments() for b in bns}
+            moments = {b: ChannelMoments() for b in bns}
             handles = [b.register_forward_pre_hook(lambda m, a: moments[m].update(a[0])) for b in bns]
             try:
                 for b in bns:
@@ -169,7 +138,7 @@ def _reestimate_bn_stats(
                     h.remove()
             for b in bns:
                 b.eval()
-                if moments[b].mean is not None:
+                if moments[b].seen:
                     moments[b].store(b)
         else:
             order: list[BatchNorm] = []  # execution order (module order can differ from call order)
@@ -182,9 +151,9 @@ def _reestimate_bn_stats(
                 for h in handles:
                     h.remove()
             for b in order:
-                acc = _Moments()
+                acc = ChannelMoments()
 
-                def hook(_m: nn.Module, args: tuple, _acc: _Moments = acc) -> None:
+                def hook(_m: nn.Module, args: tuple, _acc: ChannelMoments = acc) -> None:
                     _acc.update(args[0])
                     raise _Stop
 

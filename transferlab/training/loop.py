@@ -1,6 +1,6 @@
 """The training loop every strategy shares, so that every number means the same thing.
 
-* `fit`: one run of a `TrainRecipe` (`transferlab.training.protocol`): seeded batches, light augmentation,
+* `fit`: one run of a `TrainRecipe` (`transferlab.training.recipe`): seeded batches, light augmentation,
   a one-epoch linear warm-up, then reduce-on-plateau of the learning rate on the validation loss (a schedule
   defined over the epochs actually run), early stopping once neither the validation loss nor the validation
   accuracy has improved for `patience` epochs, the best epoch's weights kept (by validation accuracy, ties
@@ -40,7 +40,7 @@ from transferlab.models.sources import SourceModel
 from transferlab.strategies import Strategy, StrategyConfig
 
 if TYPE_CHECKING:
-    from transferlab.training.protocol import TrainRecipe
+    from transferlab.training.recipe import TrainRecipe
 
 log = logging.getLogger(__name__)
 

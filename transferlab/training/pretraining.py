@@ -68,7 +68,7 @@ def pretrain(
     from transferlab.models.inference import predict_logits
     from transferlab.strategies.base import Strategy, StrategyConfig
     from transferlab.training.loop import fit, image_batches
-    from transferlab.training.protocol import TrainRecipe
+    from transferlab.training.recipe import TrainRecipe
 
     data_params = DataParams(
         dataset=spec.dataset,

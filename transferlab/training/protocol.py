@@ -1,8 +1,7 @@
 """The one training recipe and protocol behind every trained number (train@, tune@, agreement, diagnosis).
 
-* `TrainRecipe`: how a run trains (epoch cap, batch size, plateau, schedule, augmentation, learning-rate
-  search, seeds, device), and `build_recipe`, the one place it is made from params `train` and a
-  strategy's config. A second hand-made copy is how tune@ once trained without the pipeline's schedule.
+* `TrainRecipe` and `build_recipe` (defined in `transferlab.training.recipe`, which `fit` reads too, and
+  exported here): how a run trains, made in one place from params `train` and a strategy's config.
 * `train_strategy`: one run: the strategy's helper networks (a distillation teacher) trained with the same
   recipe, its per-run state, its model built from the source, trained by `fit` on images or on the features
   cache, and handed back on the CPU.
@@ -12,12 +11,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,136 +26,19 @@ from transferlab.models.sources import SourceModel, count_params, load_source
 from transferlab.strategies import Strategy, StrategyConfig, get_strategy, strategy_config
 from transferlab.strategies.base import Teacher
 from transferlab.training.loop import DivergenceError, TrainResult, fit, image_batches, tensor_batches, training_failure
+from transferlab.training.recipe import TrainRecipe, build_recipe
 
-if TYPE_CHECKING:
-    from transferlab.params import TrainParams
+__all__ = [
+    "ProtocolResult",
+    "TrainRecipe",
+    "build_recipe",
+    "search_learning_rate",
+    "train_protocol",
+    "train_seeds",
+    "train_strategy",
+]
 
 log = logging.getLogger(__name__)
-
-AUGMENT_MODES = ("none", "crop", "crop_flip")
-
-
-@dataclass(frozen=True)
-class TrainRecipe:
-    """How every run of a strategy trains: params `train` resolved for one strategy (see `build_recipe`).
-
-    The defaults are those of a bare `fit` call (tests, pretraining); the pipeline's callers always get every
-    field from params through `build_recipe`.
-    """
-
-    epochs: int  # the epoch cap: a run that reaches it without a plateau is marked under-trained
-    batch_size: int
-    patience: int  # epochs without a val loss (by more than min_delta) or val accuracy gain: the plateau
-    weight_decay: float
-    augment: str = "none"  # training batches of image strategies: none | crop | crop_flip
-    lr_patience: int | None = None  # epochs without a val loss gain before the rate is cut (None: patience // 2)
-    lr_factor: float = 0.3  # reduce-on-plateau factor
-    min_lr_ratio: float = 0.01  # the rate is never cut below this fraction of its start
-    min_delta: float = 1e-3  # val loss decrease (absolute, nats) that counts as progress
-    warmup: bool = True  # a linear warm-up of the rate over the first epoch's steps (from 10%)
-    channels_last: bool = False  # image strategies train in channels-last memory order
-    lr_grid: tuple[float, ...] = (1.0,)  # multipliers of the strategy's lr tried on validation; (1.0,): none
-    lr_search_epochs: int = 1  # the budget of each rate of the grid
-    lr_grid_extend: int = 1  # grid steps tried beyond an edge when the best rate sits on it
-    seeds: tuple[int, ...] = (0,)  # training seeds (init, batch order, augmentation): one run each
-    num_threads: int = 0  # torch CPU threads set with each seed (0: torch's default)
-    device: Any = None  # a torch.device (or its name) every run trains on; None: the CPU
-
-    def __post_init__(self) -> None:
-        # Tuples, whatever the caller passed: the recipe is a value (frozen, comparable, hashable).
-        object.__setattr__(self, "lr_grid", tuple(float(m) for m in self.lr_grid))
-        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
-        problems = [
-            f"{k} must be >= 1 (got {getattr(self, k)!r})"
-            for k in ("epochs", "batch_size", "patience", "lr_search_epochs")
-            if getattr(self, k) < 1
-        ]
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay must be >= 0 (got {self.weight_decay!r})")
-        if self.augment not in AUGMENT_MODES:
-            problems.append(f"augment must be one of {AUGMENT_MODES} (got {self.augment!r})")
-        if not self.lr_grid or any(m <= 0 for m in self.lr_grid):
-            problems.append(f"lr_grid must hold positive multipliers (got {self.lr_grid!r})")
-        if not self.seeds:
-            problems.append("seeds must name at least one training seed (got none)")
-        if problems:
-            raise ValueError("TrainRecipe: " + "; ".join(problems))
-
-    def short_run(self, epochs: int) -> TrainRecipe:
-        """This recipe at a fixed budget of `epochs` (the cap and the patience): a rate of the learning-rate
-        grid, a teacher, a diagnosis sweep point."""
-        return dataclasses.replace(self, epochs=epochs, patience=epochs)
-
-    def record(self) -> dict[str, Any]:
-        """The fields that decide one run's training, as a finding's evidence records them."""
-        return {
-            k: getattr(self, k)
-            for k in (
-                "epochs",
-                "batch_size",
-                "patience",
-                "weight_decay",
-                "augment",
-                "lr_patience",
-                "lr_factor",
-                "min_delta",
-                "min_lr_ratio",
-                "channels_last",
-            )
-        }
-
-
-def build_recipe(
-    train: TrainParams,
-    strategy_cfg: StrategyConfig,
-    *,
-    device: torch.device | str | None = None,
-    epochs: int | None = None,
-    max_epochs: int | None = None,
-) -> TrainRecipe:
-    """The training recipe of `strategy_cfg` under params `train`: the one builder for train@, tune@,
-    agreement and the diagnosis remedies, so that their numbers mean the same thing.
-
-    Args:
-        train: params `train`.
-        strategy_cfg: the strategy's config; its `epochs`, when set, is the epoch cap instead of `train.epochs`.
-        device: where the runs train, as the stage resolved `train.device` (`core.device.resolve_device`);
-            None: the CPU.
-        epochs: a budget that replaces the cap (tune@: `tune.epochs` or a trial's `epochs`; agreement's
-            fine-tune recipe: `agreement.finetune_epochs`).
-        max_epochs: lowers the cap (`diagnose.remedy_epochs`, for tiny test configs).
-
-    Returns:
-        The frozen recipe.
-
-    Raises:
-        ValueError: an override below 1.
-    """
-    for key, value in (("epochs", epochs), ("max_epochs", max_epochs)):
-        if value is not None and value < 1:
-            raise ValueError(f"build_recipe: {key} must be >= 1 (got {value!r})")
-    cap = epochs if epochs is not None else (strategy_cfg.epochs or train.epochs)
-    if max_epochs is not None:
-        cap = min(cap, max_epochs)
-    return TrainRecipe(
-        epochs=cap,
-        batch_size=train.batch_size,
-        patience=train.patience,
-        weight_decay=train.weight_decay,
-        augment=train.augment,
-        lr_patience=train.lr_patience,
-        lr_factor=train.lr_factor,
-        min_lr_ratio=train.min_lr_ratio,
-        min_delta=train.min_delta,
-        channels_last=train.channels_last,
-        lr_grid=tuple(train.lr_grid),
-        lr_search_epochs=train.lr_search_epochs,
-        lr_grid_extend=train.lr_grid_extend,
-        seeds=tuple(train.seeds),
-        num_threads=train.num_threads,
-        device=device,
-    )
-
 
 # --- one run ---------------------------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from transferlab.models.sources import SourceModel
     from transferlab.params import TrainParams, TuneParams
     from transferlab.strategies import Strategy
-    from transferlab.training.protocol import TrainRecipe
+    from transferlab.training.recipe import TrainRecipe
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class TrialObjective:
     def recipe(self, config: dict[str, Any]) -> TrainRecipe:
         """The trial's recipe: train@'s (`build_recipe`) at the trial's epoch budget."""
         from transferlab.strategies import strategy_config
-        from transferlab.training.protocol import build_recipe
+        from transferlab.training.recipe import build_recipe
 
         budget = config.get("epochs") if "epochs" in self.space_names else self.tune_epochs
         return build_recipe(self.train, strategy_config(self.name, config), device=self.device, epochs=budget)

@@ -170,7 +170,7 @@ class DiagnosisContext:
         params.train and `cfg`, on `device`): the recipe train@ trains with.
 
         `diagnose.remedy_epochs`, when set, caps the epochs (tiny test configs). Returns a `TrainRecipe`."""
-        from transferlab.training.protocol import build_recipe
+        from transferlab.training.recipe import build_recipe
 
         cap = self.params.diagnose.remedy_epochs
         return build_recipe(self.params.train, cfg, device=self.device, max_epochs=cap)

@@ -35,7 +35,6 @@ class TrainingFailed(Check):
     order = 10
 
     def measure(self, ctx: DiagnosisContext) -> list[dict]:
-        margin = ctx.params.diagnose.failed_accuracy_margin
         out = []
         for name in sorted(ctx.params.strategies):
             histories = layout.read_histories(ctx.history_dir / name)
@@ -45,5 +44,5 @@ class TrainingFailed(Check):
                 hist = histories[seed].to_dict("records") if seed in histories else []
                 hist = [{k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))} for r in hist]
                 record = records.get(seed, records.get(-1, {}))
-                out.append(dx.training_failed(name, seed, hist, record, ctx.data.num_classes, accuracy_margin=margin))
+                out.append(dx.training_failed(name, seed, hist, record, ctx.data.num_classes))
         return out
