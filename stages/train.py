@@ -44,7 +44,8 @@ def main() -> None:
     from transferlab.core.io import path_sha256, write_json
     from transferlab.core.seeding import seed_everything
     from transferlab.data.splits import load_prepared
-    from transferlab.models.sources import load_features_cache, load_source, read_selection
+    from transferlab.models.features import load_features_cache
+    from transferlab.models.sources import load_source, read_selection
     from transferlab.provenance.tracking import run_info, stage_run
     from transferlab.strategies import get_strategy, strategy_config
     from transferlab.training.recipe import build_recipe

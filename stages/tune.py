@@ -60,7 +60,8 @@ def main() -> None:
     # torch and the training loop: imported once params and the search space are known to be valid.
     from transferlab.core.device import device_tags, resolve_device
     from transferlab.data.splits import load_prepared
-    from transferlab.models.sources import load_features_cache, load_source, read_selection
+    from transferlab.models.features import load_features_cache
+    from transferlab.models.sources import load_source, read_selection
     from transferlab.provenance.tracking import stage_run
 
     strategy = get_strategy(cfg.kind)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from transferlab.core.seeding import seed_everything
+from transferlab.models.costs import count_parameters
 from transferlab.models.inference import extract, predict_logits, to_input
-from transferlab.models.sources import count_params
 from transferlab.strategies import STRATEGIES, get_strategy, strategy_config
 from transferlab.training.loop import DivergenceError
 from transferlab.training.protocol import TrainRecipe, train_strategy
@@ -96,7 +96,7 @@ def test_trainable_parameter_counts_match_each_strategy(tiny_source, tiny_data):
 
         source = copy.deepcopy(tiny_source)
         model = get_strategy(name).build(source, 3, strategy_config(name, {}), 0)
-        counts[name] = count_params(model)
+        counts[name] = (count_parameters(model, trainable_only=True), count_parameters(model))
     head = 3 * tiny_source.model.num_features + 3
     assert counts["linear_probe"][0] == head
     assert head < counts["finetune_top"][0] < counts["finetune_full"][0] == counts["finetune_full"][1]

@@ -369,9 +369,6 @@ class DiagnoseParams(Section):
     resolution_upsample_factor: int = Field(
         2, ge=2, le=8, description="remedy run: features at min(source size, factor x target size)"
     )
-    failed_accuracy_margin: float = Field(
-        0.05, ge=0, le=1, description="best val accuracy within this of chance (1/C) means training failed"
-    )
     forgetting_source: str | None = Field(
         "mnist_cnn", description="a `pipeline` source: exact forgetting and the lr sweep run on it (null: skip)"
     )

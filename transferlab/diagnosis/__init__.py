@@ -1,4 +1,4 @@
-"""What went wrong in a transfer: pure measurements (`measures`: bootstrap gain, CKA, MMD, proxy
+"""What went wrong in a transfer: pure measurements (`measures`: CKA, MMD, proxy
 A-distance, BN gap, weight drift; `text_measures`: surface and tokenizer rates, normalisation, the fortunes
 corpus), findings with severity, evidence and remedy (`findings`), the stage's inputs read once (`inputs`),
 and the check registry (`checks/`: one module per check, measure -> grade -> remedy -> re-measure).

@@ -3,13 +3,14 @@ kept as .npy for scoring and the linear probe, and the record of which source wr
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from transferlab.data.loaders import SPLITS
 from transferlab.models.inference import extract
-from transferlab.models.sources import SourceModel
+from transferlab.models.sources import SourceError, SourceModel
 from transferlab.params import ParamsError
 
 if TYPE_CHECKING:
@@ -63,3 +64,23 @@ def source_record(source: SourceModel) -> dict:
         "std": source.std,
         "has_classifier": source.has_classifier,
     }
+
+
+def load_cache(features_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(features, logits or None) of one split from a `features@<source>` folder: the one reader of the cache."""
+    d = Path(features_dir)
+    logits = d / f"{split}_logits.npy"
+    return np.load(d / f"{split}_features.npy"), (np.load(logits) if logits.is_file() else None)
+
+
+def load_features_cache(features_root: str | Path, source_name: str, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The `features@<source_name>` cache of `splits` (penultimate features of the frozen backbone), what
+    strategies that train on features read.
+
+    Raises:
+        SourceError: the cache is missing (the features stage has not run for this source).
+    """
+    folder = Path(features_root) / source_name
+    if not (folder / f"{splits[0]}_features.npy").is_file():
+        raise SourceError(f"{folder} has no features: run `dvc repro features@{source_name}` first")
+    return {s: load_cache(folder, s)[0] for s in splits}

@@ -29,7 +29,6 @@ from transferlab.core.io import file_sha256
 from transferlab.params import SourceSpec
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
     from torch import nn
 
@@ -355,14 +354,6 @@ def block_groups(model: nn.Module) -> list[list[str]]:
     return [groups[k] for k in sorted(groups)]
 
 
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, both by `costs.count_parameters` (the one count). Kept for the
-    callers that import it from here (`training.protocol`); new code calls `count_parameters`."""
-    from transferlab.models.costs import count_parameters
-
-    return count_parameters(model, trainable_only=True), count_parameters(model)
-
-
 def read_selection(path: str | Path) -> tuple[str, SourceSpec]:
     """The source every strategy trains from, as the score stage resolved `train.source` (a fixed name, or
     'auto': the top-ranked candidate within budgets) into `path` (data/selection.json).
@@ -379,18 +370,3 @@ def read_selection(path: str | Path) -> tuple[str, SourceSpec]:
         raise SourceError(f"{path} not found: run `dvc repro score` first")
     selection = read_json(path)
     return selection["selected"], SourceSpec.model_validate(selection["spec"])
-
-
-def load_features_cache(features_root: str | Path, source_name: str, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The `features@<source_name>` cache of `splits` (penultimate features of the frozen backbone), what
-    strategies that train on features read.
-
-    Raises:
-        SourceError: the cache is missing (the features stage has not run for this source).
-    """
-    import numpy as np
-
-    folder = Path(features_root) / source_name
-    if not (folder / f"{splits[0]}_features.npy").is_file():
-        raise SourceError(f"{folder} has no features: run `dvc repro features@{source_name}` first")
-    return {s: np.load(folder / f"{s}_features.npy") for s in splits}

@@ -372,9 +372,9 @@ def train_candidates(
     """
     import torch
 
+    from transferlab.models.features import load_cache
     from transferlab.models.inference import predict_images
     from transferlab.models.sources import load_source
-    from transferlab.scoring.selection import load_cache
     from transferlab.strategies import get_strategy
     from transferlab.training.protocol import train_protocol
 

@@ -15,14 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from transferlab.core.io import read_json
+from transferlab.models.features import load_cache
 from transferlab.scoring.estimators import ESTIMATORS, get_estimator, score_all_with_reasons
-
-
-def load_cache(features_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(features, logits or None) of one split from a `features@<source>` folder."""
-    d = Path(features_dir)
-    logits = d / f"{split}_logits.npy"
-    return np.load(d / f"{split}_features.npy"), (np.load(logits) if logits.is_file() else None)
 
 
 def score_candidates(

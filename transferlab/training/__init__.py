@@ -1,5 +1,6 @@
 """The one training protocol: the loop (`loop.fit`: warm-up, reduce-on-plateau, early stopping,
-convergence and failed-training evidence), the recipe and the runs per seed with the learning rate chosen on
+convergence and failed-training evidence), the one recipe (`recipe`: `TrainRecipe`, `build_recipe`, which
+train@, tune@, agreement and every remedy call), the runs per seed with the learning rate chosen on
 validation (`protocol`), `train@<strategy>` as one call (`run.train_stage`), and in-pipeline source
 pre-training (`pretraining`, including domain-adaptive masked-LM pre-training of a text encoder).
 

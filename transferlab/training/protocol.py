@@ -22,7 +22,8 @@ import torch
 
 from transferlab.core.device import as_device
 from transferlab.core.seeding import seed_everything
-from transferlab.models.sources import SourceModel, count_params, load_source
+from transferlab.models.costs import count_parameters
+from transferlab.models.sources import SourceModel, load_source
 from transferlab.strategies import Strategy, StrategyConfig, get_strategy, strategy_config
 from transferlab.strategies.base import Teacher
 from transferlab.training.loop import DivergenceError, TrainResult, fit, image_batches, tensor_batches, training_failure
@@ -78,7 +79,7 @@ def train_strategy(
     teacher = _train_teacher(strategy, cfg, images, labels, num_classes, recipe, seed)
     state = strategy.start_run(source, cfg, teacher)
     model = strategy.build(source, num_classes, cfg, seed)
-    trainable, total = count_params(model)
+    trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
     if strategy.uses_features:
         result = _fit_head(model, strategy, cfg, features, labels, recipe, generator, label, state)
     else:

@@ -51,7 +51,7 @@ class TextDomainShift(Check):
         from transferlab.data.tokenize import load_tokenizer
 
         if "tokenizer" not in ctx.cache:
-            ctx.cache["tokenizer"] = load_tokenizer(ctx.data.meta.get("tokenizer", ctx.params.data.tokenizer))
+            ctx.cache["tokenizer"] = load_tokenizer(ctx.data.meta["tokenizer"])
         return ctx.cache["tokenizer"]
 
     def _embed(self, ctx: DiagnosisContext, texts: list[str]) -> np.ndarray:

@@ -63,7 +63,7 @@ class TextForgetting(Check):
 
         if "reference_ids" not in ctx.cache:
             ref = reference_texts(min(ctx.params.diagnose.reference_texts, 200), ctx.seed)
-            tok = load_tokenizer(ctx.data.meta.get("tokenizer", ctx.params.data.tokenizer))
+            tok = load_tokenizer(ctx.data.meta["tokenizer"])
             ctx.cache["reference_ids"] = tokenize(ref, tok, int(ctx.data.meta["max_length"]))[0]
         return ctx.cache["reference_ids"]
 
