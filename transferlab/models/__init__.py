@@ -1,7 +1,8 @@
 """Source models and running them: the source-kind registry (`sources`: packaged, timm, checkpoint,
 random_init, pipeline, hf), text encoders with timm's interface (`text_encoder`), batches, features and
 predictions (`inference`), the features cache of `features@` (`features`: extract, write, the one reader),
-BatchNorm running statistics (`batchnorm`: used by AdaBN and the BN-gap measure), and the cost profile of a candidate (`costs`: parameters, FLOPs, latency).
+BatchNorm running statistics (`batchnorm`: used by AdaBN and the BN-gap measure),
+and the cost profile of a candidate (`costs`: parameters, FLOPs, latency).
 
 Layer: above `data`. May import `params`, `core` and `data`; never strategies, training or above.
 """
