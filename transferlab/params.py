@@ -256,7 +256,8 @@ class TrainParams(Section):
 
 
 # Optuna storages that several workers can share (transferlab.tuning.optuna_backend uses the same tuple).
-PARALLEL_STORAGES = ("journal:///", "postgresql")
+JOURNAL = "journal:///"  # Optuna's journal-file storage: the prefix of a journal:///<file> URL
+PARALLEL_STORAGES = (JOURNAL, "postgresql")
 
 
 class TuneParams(Section):

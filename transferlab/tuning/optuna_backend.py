@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transferlab.params import PARALLEL_STORAGES
+from transferlab.params import JOURNAL, PARALLEL_STORAGES
 from transferlab.tuning.space import Objective, SearchSpace, TuningError
 
 if TYPE_CHECKING:
@@ -28,9 +28,6 @@ def _startup_trials(n_trials: int) -> int:
 
 def _trial_record(t: Any) -> dict[str, Any]:
     return {"number": t.number, "params": dict(t.params), "value": t.value, "state": t.state.name}
-
-
-JOURNAL = "journal:///"
 
 
 def open_storage(url: str) -> Any:
