@@ -6,7 +6,10 @@ Ground truth is the `train@linear_probe` recipe and protocol (`transferlab.scori
 `strategies.linear_probe` and the `train` section through `build_recipe`, as train@ trains it: rate on
 validation, one run per seed of `train.seeds` to a plateau), so there is one linear-probe number per candidate
 and seed, not three. The optional fine-tune recipe (`agreement.finetune_epochs` > 0, its epoch cap) goes
-through the same protocol. A candidate whose run hit the cap is listed under `not_converged`.
+through the same protocol; when it is off (the default), `finetune_checked` is false and the summary says
+that the recommended recipe's ranking (fine-tuning) was not checked. A candidate whose run hit the cap is listed
+under `not_converged`. Controls (`random_init` sources) are named under `controls`, and the candidate pairs the
+accuracies resolve are counted among the real candidates and among the pairs involving a control separately.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def main() -> None:
         write_json(args.metrics, result.metrics)
         write_text(args.plot, result.plot.to_csv(index=False, lineterminator="\n"))
         agreement_png(result.plot, args.figure)
+        mlflow.set_tag("agreement.finetune_checked", str(result.metrics["finetune_checked"]).lower())
         for recipe, r in result.metrics["recipes"].items():
             mlflow.log_text(r["summary"], f"{recipe}_summary.txt")
             for est, v in r["estimators"].items():

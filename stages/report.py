@@ -1,4 +1,5 @@
-"""Stage `report`: reports/report.md and reports/report.html, the page a person reads
+"""Stage `report`: reports/report.md and reports/report.html, the page a person reads, answer first: the
+recommendation, the headline figure (gain over the best model without transfer) and the table
 (`transferlab.reporting.report`, figures from `transferlab.reporting.figures`); the Model Registry's `champion`
 alias follows the recommendation."""
 
@@ -50,7 +51,7 @@ def main() -> None:
         write_text(args.markdown, to_markdown(sections))
         with tempfile.TemporaryDirectory() as tmp:
             gain_rows = pd.read_csv(args.gain).to_dict("records")
-            figures = report_figures(
+            headline, figures = report_figures(
                 summary,
                 list(data["per_class"]),
                 gain_rows,
@@ -59,7 +60,7 @@ def main() -> None:
                 confusion_dir=args.confusion,
                 out_dir=Path(tmp),
             )
-            write_text(args.html, to_html(sections, figures))
+            write_text(args.html, to_html(sections, figures, headline=headline))
         mlflow.log_artifact(args.markdown)
         mlflow.log_artifact(args.html)
     # The Model Registry's `champion` alias follows the recommendation (a side effect, like the MLflow runs);

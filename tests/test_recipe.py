@@ -19,7 +19,8 @@ from transferlab.strategies import strategy_config
 from transferlab.training.recipe import TrainRecipe, build_recipe
 
 # Every schedule field away from `fit`'s own defaults (lr_patience None, lr_factor 0.3, min_delta 1e-3,
-# min_lr_ratio 0.01, channels_last False) and the first training seed away from params `seed` (42): a caller
+# min_lr_ratio 0.01, channels_last False; the convergence rule's window None, fit_accuracy 0.9,
+# plateau_min_lr_ratio 0.1) and the first training seed away from params `seed` (42): a caller
 # that drops a field or picks another seed shows up as a difference.
 TRAIN = {
     "source": "tiny",
@@ -31,6 +32,9 @@ TRAIN = {
     "lr_factor": 0.5,
     "min_lr_ratio": 0.05,
     "min_delta": 0.01,
+    "convergence_window": 4,
+    "fit_accuracy": 0.8,
+    "plateau_min_lr_ratio": 0.2,
     "weight_decay": 0.02,
     "augment": "crop",
     "channels_last": True,
@@ -49,6 +53,9 @@ EXPECTED = TrainRecipe(
     lr_factor=0.5,
     min_lr_ratio=0.05,
     min_delta=0.01,
+    convergence_window=4,
+    fit_accuracy=0.8,
+    plateau_min_lr_ratio=0.2,
     channels_last=True,
     lr_grid=(0.5, 2.0),
     lr_search_epochs=2,
@@ -224,9 +231,30 @@ def test_the_documented_overrides_change_the_epochs_only():
     assert remedy.short_run(2) == dataclasses.replace(remedy, epochs=2, patience=2)  # a fixed budget
 
 
+def test_a_strategy_schedule_and_search_budget_reach_its_recipe_only():
+    """Scratch's own schedule fields (cosine, warm-up, search budget) shape its recipe through `build_recipe`;
+    a strategy that declares none keeps train's plateau schedule and search budget."""
+    scratch = {"lr": 0.003, "schedule": "cosine", "epochs": 9, "warmup_epochs": 3, "lr_search_epochs": 6}
+    params = parse_params(_raw(strategies={"scratch": scratch}))
+    own = build_recipe(params.train, strategy_config("scratch", params.strategies["scratch"]))
+    assert (own.schedule, own.epochs, own.warmup_epochs, own.lr_search_epochs) == ("cosine", 9, 3, 6)
+    assert dataclasses.replace(own, schedule="plateau", epochs=5, warmup_epochs=1, lr_search_epochs=2) == (
+        dataclasses.replace(EXPECTED, device=None)
+    )
+    assert own.record()["schedule"] == "cosine" and own.record()["fit_accuracy"] == 0.8
+    probe = build_recipe(params.train, strategy_config("linear_probe", params.strategies["linear_probe"]))
+    assert (probe.schedule, probe.warmup_epochs, probe.lr_search_epochs) == ("plateau", 1, 2)
+    plain = build_recipe(params.train, strategy_config("scratch", {}))
+    assert (plain.schedule, plain.lr_search_epochs) == ("plateau", 2)
+    with pytest.raises(ValueError, match=r"strategies.scratch.schedule"):
+        strategy_config("scratch", {"schedule": "linear"})
+
+
 def test_a_recipe_rejects_bad_values_naming_them():
     with pytest.raises(ValueError, match=r"batch_size must be >= 1 \(got 0\).*augment must be one of"):
         TrainRecipe(epochs=1, batch_size=0, patience=1, weight_decay=0.0, augment="flip")
+    with pytest.raises(ValueError, match=r"schedule must be one of .*convergence_window must be >= 3"):
+        TrainRecipe(epochs=1, batch_size=1, patience=1, weight_decay=0.0, schedule="step", convergence_window=2)
     with pytest.raises(ValueError, match=r"lr_grid must hold positive multipliers"):
         TrainRecipe(epochs=1, batch_size=1, patience=1, weight_decay=0.0, lr_grid=(1.0, -1.0))
     with pytest.raises(ValueError, match=r"build_recipe: epochs must be >= 1 \(got 0\)"):

@@ -1,17 +1,31 @@
-"""The one macro-F1 and the one bootstrap (transferlab.evaluation.stats, transferlab.core.resampling)."""
+"""The one macro-F1 and the one interval of a gain (transferlab.evaluation.stats, transferlab.core.resampling).
+
+Coverage of the interval (does a nominal 95% interval contain the true gain 95% of the time?) is simulated in
+tests/test_coverage.py; here: reference values, the seed term's arithmetic and the contracts callers rely on."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 from sklearn.metrics import f1_score
 
 from transferlab.core.resampling import bootstrap_draws, percentile_interval
-from transferlab.evaluation.stats import macro_f1, macro_f1_rows, paired_bootstrap_gain
+from transferlab.evaluation.stats import (
+    INTERVAL_METHOD,
+    INTERVAL_METHODS,
+    macro_f1,
+    macro_f1_rows,
+    paired_bootstrap_gain,
+    seed_component,
+    widened_interval,
+)
 
-KEYS = {"gain", "ci_low", "ci_high", "prob_gain_le_0", "seed_sd_a", "seed_sd_b"}
+OLD_KEYS = {"gain", "ci_low", "ci_high", "prob_gain_le_0", "seed_sd_a", "seed_sd_b"}
+KEYS = OLD_KEYS | {"bootstrap_se", "seed_se", "seed_df", "seeds_a", "seeds_b", "covers_seed_variance"}
 
 
 def _noisy_predictions(y: np.ndarray, accuracy: float, n_classes: int, rng: np.random.Generator) -> np.ndarray:
@@ -222,13 +236,16 @@ def test_bootstrap_resampled_macro_f1_matches_sklearn_per_resample_with_missing_
 
 @pytest.mark.parametrize("metric", ["accuracy", "macro_f1"])
 def test_seed_and_sample_bootstrap_matches_a_brute_force_loop(metric):
-    """Replicate by replicate: samples, then A's seeds, then B's seeds, from one generator; a model's replicate
-    metric is its mean over the drawn seeds (accuracy: over all drawn seed-sample pairs)."""
+    """The old method, "seed_bootstrap": replicate by replicate, samples, then A's seeds, then B's seeds, from one
+    generator; a model's replicate metric is its mean over the drawn seeds (accuracy: over all drawn seed-sample
+    pairs)."""
     rng = np.random.default_rng(3)
     y = rng.integers(0, 4, 120)
     a = np.stack([np.where(rng.random(120) < p, y, (y + 1) % 4) for p in (0.55, 0.85, 0.7)])
     b = np.stack([np.where(rng.random(120) < 0.6, y, (y + 2) % 4) for _ in range(2)])
-    out = paired_bootstrap_gain(y, a, b, metric=metric, n_bootstrap=200, confidence=0.9, seed=7)
+    out = paired_bootstrap_gain(
+        y, a, b, metric=metric, n_bootstrap=200, confidence=0.9, seed=7, method="seed_bootstrap"
+    )
 
     def score(p, idx):
         return (p[idx] == y[idx]).mean() if metric == "accuracy" else _sk_macro_f1(y[idx], p[idx], 4)
@@ -260,6 +277,123 @@ def test_fixed_seeds_average_every_seed_in_every_replicate():
     assert fixed["ci_high"] - fixed["ci_low"] < resampled["ci_high"] - resampled["ci_low"]
 
 
+# --------------------------------------------------------------------------------------------------
+# the seed term (method "seed_t", the default)
+# --------------------------------------------------------------------------------------------------
+
+
+def _seeds(y: np.ndarray, accuracies: tuple[float, ...], n_classes: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([_noisy_predictions(y, acc, n_classes, rng) for acc in accuracies])
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "macro_f1"])
+def test_without_seed_spread_the_interval_is_the_paired_sample_bootstrap(metric):
+    """Reference: 5 seeds per model with identical predictions (zero seed variance): exactly the one-seed paired
+    test-sample bootstrap, same draws, same interval; and the seed variance is covered (estimated: 0)."""
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 4, 250)
+    a, b = _noisy_predictions(y, 0.8, 4, rng), _noisy_predictions(y, 0.65, 4, rng)
+    many = paired_bootstrap_gain(y, np.tile(a, (5, 1)), np.tile(b, (5, 1)), metric=metric, n_bootstrap=300, seed=4)
+    one = paired_bootstrap_gain(y, a, b, metric=metric, n_bootstrap=300, seed=4)
+    for k in ("gain", "ci_low", "ci_high", "prob_gain_le_0", "bootstrap_se"):
+        assert many[k] == pytest.approx(one[k], abs=1e-12), k
+    assert many["seed_se"] == 0.0 and many["seed_df"] == 8.0  # pooled 4 + 4: undefined, unused
+    assert many["covers_seed_variance"] and not one["covers_seed_variance"]
+    assert (many["seeds_a"], many["seeds_b"], one["seeds_a"]) == (5, 5, 1)
+
+
+def test_without_sample_noise_the_interval_is_welchs_t_interval():
+    """Reference: every test sample carries the same seed-averaged gain (0.5), so the test-sample bootstrap has no
+    spread and the interval is Welch's: gain +- t(0.975, df) * sqrt(s_a^2/k_a + s_b^2/k_b), df = 2 here."""
+    y = np.zeros(40, dtype=int)
+    half = np.r_[np.zeros(20, int), np.ones(20, int)]  # right on the first half
+    a = np.stack([np.zeros(40, int), half])  # seed accuracies 1.0 and 0.5
+    b = np.stack([half, np.ones(40, int)])  # 0.5 and 0.0
+    out = paired_bootstrap_gain(y, a, b, n_bootstrap=200, describe=True)
+    se = math.sqrt(0.125 / 2 + 0.125 / 2)
+    assert (out["gain"], out["seed_se"], out["seed_df"]) == pytest.approx((0.5, se, 2.0))
+    half_width = sps.t.ppf(0.975, 2.0) * se
+    assert out["ci_low"] == pytest.approx(0.5 - half_width, abs=1e-9)
+    assert out["ci_high"] == pytest.approx(0.5 + half_width, abs=1e-9)
+    assert out["prob_gain_le_0"] == pytest.approx(sps.t.cdf(-0.5 / se, 2.0), abs=1e-9)
+    assert out["bootstrap_se"] < 1e-12
+    assert out["seed_variance"] == "estimated from 2 and 2 seeds (Student t, 2.00 Welch df)"
+
+
+def test_seed_component_is_welch_satterthwaite():
+    per_a, per_b = np.array([0.80, 0.84, 0.83]), np.array([0.70, 0.71])
+    va, vb = np.var(per_a, ddof=1) / 3, np.var(per_b, ddof=1) / 2
+    se, df = seed_component(per_a, per_b)
+    assert se == pytest.approx(math.sqrt(va + vb))
+    assert df == pytest.approx((va + vb) ** 2 / (va**2 / 2 + vb**2 / 1))
+    assert min(2, 1) <= df <= 2 + 1  # Welch's df lies between the smaller side's and the pooled df
+    # A side with one seed adds nothing (its variance is not estimable); none with two: no seed term at all.
+    assert seed_component(per_a, per_b[:1]) == pytest.approx((math.sqrt(va), 2.0))
+    assert seed_component(per_a[:1], per_b[:1]) == (0.0, 0.0)
+    assert seed_component(np.full(3, 0.8), np.full(2, 0.7)) == (0.0, 3.0)
+
+
+def test_widened_interval_reference_values():
+    """A degenerate bootstrap (every replicate g0) plus the t term is a scaled t: its quantiles are exact; with no
+    seed term the interval is the bootstrap's percentile interval, replicate for replicate."""
+    low, high, prob = widened_interval(np.full(50, 0.03), 0.01, 1.7, 0.9)
+    assert low == pytest.approx(0.03 + 0.01 * sps.t.ppf(0.05, 1.7), abs=1e-11)
+    assert high == pytest.approx(0.03 + 0.01 * sps.t.ppf(0.95, 1.7), abs=1e-11)
+    assert prob == pytest.approx(sps.t.cdf(-3.0, 1.7))
+    g = np.random.default_rng(0).normal(0.02, 0.01, 400)
+    assert widened_interval(g, 0.0, 0.0, 0.95) == (*percentile_interval(g, 0.95), float((g <= 0).mean()))
+    # Monotone in the seed term, and never inside the bootstrap's own interval.
+    widths = [np.subtract(*widened_interval(g, se, 2.0, 0.95)[1::-1]) for se in (0.0, 1e-4, 0.005, 0.02)]
+    assert all(w1 <= w2 for w1, w2 in zip(widths, widths[1:], strict=False)) and widths[-1] > 3 * widths[0]
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "macro_f1"])
+def test_the_seed_term_only_widens_the_test_sample_interval(metric):
+    """Never narrower than the data allow: the interval contains the test-sample interval of the same seeds."""
+    rng = np.random.default_rng(12)
+    y = rng.integers(0, 5, 300)
+    for trial in range(4):
+        a = _seeds(y, (0.70, 0.78, 0.74)[: 2 + trial % 2], 5, trial)
+        b = _seeds(y, (0.66, 0.69), 5, 10 + trial)
+        new = paired_bootstrap_gain(y, a, b, metric=metric, n_bootstrap=200, seed=trial)
+        fixed = paired_bootstrap_gain(y, a, b, metric=metric, n_bootstrap=200, seed=trial, resample_seeds=False)
+        assert new["ci_low"] <= fixed["ci_low"] and fixed["ci_high"] <= new["ci_high"]
+        assert new["seed_se"] > 0 and fixed["seed_se"] == 0.0 and not fixed["covers_seed_variance"]
+
+
+def test_one_seed_says_the_seed_variance_is_not_estimable():
+    rng = np.random.default_rng(13)
+    y = rng.integers(0, 3, 200)
+    a, b = _seeds(y, (0.7, 0.8, 0.75), 3, 1), _seeds(y, (0.6,), 3, 2)
+    both = paired_bootstrap_gain(y, a[:1], b, n_bootstrap=200, describe=True)
+    assert not both["covers_seed_variance"] and both["seed_se"] == 0.0
+    assert both["seed_variance"] == "not estimable (1 seed per model): the interval covers test samples only"
+    samples_only = paired_bootstrap_gain(y, a[:1], b, n_bootstrap=200, resample_seeds=False)
+    assert (both["ci_low"], both["ci_high"]) == (samples_only["ci_low"], samples_only["ci_high"])
+    # A's three seeds still widen the interval with A's spread (2 df); B's is missing and the result says so.
+    mixed = paired_bootstrap_gain(y, a, b, n_bootstrap=200, describe=True)
+    assert not mixed["covers_seed_variance"]
+    assert mixed["seed_df"] == 2.0 and mixed["seed_se"] == pytest.approx(mixed["seed_sd_a"] / math.sqrt(3))
+    assert mixed["seed_variance"].startswith("not estimable for B (1 seed)")
+
+
+def test_default_result_is_numbers_and_describe_adds_the_words():
+    """Callers that round every value (``round(float(v), 6)``) keep working; the strings are opt-in."""
+    rng = np.random.default_rng(14)
+    y = rng.integers(0, 3, 150)
+    a, b = _seeds(y, (0.7, 0.8), 3, 1), _seeds(y, (0.6, 0.62), 3, 2)
+    out = paired_bootstrap_gain(y, a, b, n_bootstrap=100)
+    assert set(out) == KEYS and {k: round(float(v), 6) for k, v in out.items()}
+    described = paired_bootstrap_gain(y, a, b, n_bootstrap=100, describe=True)
+    assert set(described) == KEYS | {"method", "seed_variance"}
+    assert described["method"] == INTERVAL_METHOD == INTERVAL_METHODS["seed_t"] and "\n" not in INTERVAL_METHOD
+    assert {k: described[k] for k in KEYS} == out
+    old = paired_bootstrap_gain(y, a, b, n_bootstrap=100, method="seed_bootstrap", describe=True)
+    assert old["method"] == INTERVAL_METHODS["seed_bootstrap"] and old["seed_se"] == 0.0
+    assert old["gain"] == out["gain"] and old["seed_variance"] == "resampled (2 and 2 seeds with replacement)"
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "match"),
     [
@@ -270,6 +404,7 @@ def test_fixed_seeds_average_every_seed_in_every_replicate():
         (([0, 1], [0, 1], [0, 1]), {"metric": "auc"}, "metric"),
         (([0, 1], [0, 1], [0, 1]), {"n_bootstrap": 0}, "n_bootstrap"),
         (([0, 1], [0, 1], [0, 1]), {"confidence": 1.5}, "confidence"),
+        (([0, 1], [0, 1], [0, 1]), {"method": "bca"}, "seed_bootstrap"),
         ((np.zeros((2, 2)), [0, 1], [0, 1]), {}, "1-D"),
         ((np.array(["a", 1], dtype=object), [0, 1], [0, 1]), {}, "cannot be compared"),
     ],

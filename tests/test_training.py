@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from transferlab.core.seeding import seed_everything
@@ -51,6 +52,8 @@ def test_an_easy_problem_reaches_a_plateau_before_the_cap():
     assert conv["epochs_run"] < 200 and conv["epochs_without_improvement"] == 4
     # The evidence: nothing gained over the last `patience` epochs.
     assert conv["val_accuracy_gain_last_epochs"] <= 0
+    # The rule's verdict: flat over the last max(3, patience) epochs, and the easy problem is fitted.
+    assert conv["verdict"] == "converged" and conv["trend_window"] == 4 and conv["fits_training_set"]
     assert res.best_val_accuracy > 0.9
     assert [r["lr"] for r in res.history][0] > 0 and "grad_norm" in res.history[0]
 
@@ -109,9 +112,15 @@ def test_protocol_picks_the_rate_on_validation_and_trains_every_seed(tiny_source
     assert [r["lr_multiplier"] for r in out.lr_search] == [0.01, 1.0, 1e30]
     huge = out.lr_search[2]
     assert ("diverged" in huge or "failed" in huge) and not huge["chosen"]
+    # The rule (LR_CHOICE_RULE): within one binomial SE of the best validation accuracy, the nearest to x1.
     ok = [r for r in out.lr_search if r["val_accuracy"] is not None and "failed" not in r]
-    best = max(ok, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
-    assert best["chosen"] and out.lr == best["lr"]
+    top = max(r["val_accuracy"] for r in ok)
+    se = math.sqrt(top * (1 - top) / len(no_test["labels"]["val"]))
+    within = [r for r in ok if r["val_accuracy"] >= top - se - 1e-12]
+    assert [r["within_noise"] for r in ok] == [r in within for r in ok]
+    chosen = min(within, key=lambda r: abs(math.log(r["lr_multiplier"])))
+    assert chosen["chosen"] and out.lr == chosen["lr"]
+    assert out.lr_choice["candidates"] == sorted(r["lr"] for r in within) and out.lr_choice["chosen_lr"] == out.lr
     w0, w1 = (out.runs[s].model.get_classifier().weight for s in (0, 1))
     assert not torch.equal(w0, w1)
 
@@ -177,3 +186,23 @@ def test_channels_last_trains_reproducibly_and_hands_back_a_saveable_model(tiny_
     reloaded = strategy.load(tmp_path, lambda: copy.deepcopy(tiny_source))
     again = predict_logits(reloaded, lambda i: to_input(images[i], tiny_source.mean, tiny_source.std), len(images))
     assert torch.equal(logits, again)
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "resnet10t"])
+def test_scratch_zero_init_starts_every_residual_block_as_the_identity(arch):
+    """`strategies.scratch.zero_init_last`: each residual branch's last BatchNorm scale and the classifier at
+    zero, so a from-scratch network starts at the loss of a uniform guess (ln C), not at ~2 ln C."""
+    import timm
+
+    from transferlab.strategies.scratch import zero_init_last
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=3)
+    x = torch.randn(4, 3, 48, 48)
+    assert not torch.allclose(model.eval()(x), torch.zeros(4, 3))  # timm's default init: unequal logits
+    changed = zero_init_last(model)
+    assert changed >= 4
+    assert torch.equal(model.get_classifier().weight, torch.zeros_like(model.get_classifier().weight))
+    logits = model.eval()(x)
+    assert torch.equal(logits, torch.zeros_like(logits))
+    assert F.cross_entropy(logits, torch.tensor([0, 1, 2, 0])).item() == pytest.approx(math.log(3))

@@ -201,17 +201,41 @@ class TrainParams(Section):
     seeds: list[int] = Field([0, 1], min_length=1, description="one converged run per seed for every strategy")
     batch_size: int = Field(32, ge=1)
     # A cap, not a budget: the default run must reach a plateau well before it (recorded per run).
-    epochs: int = Field(60, ge=1, description="epoch cap; a run that reaches it without a plateau is under-trained")
+    epochs: int = Field(
+        60, ge=1, description="epoch cap (a strategy's `epochs` overrides it; its budget under a cosine schedule)"
+    )
     patience: int = Field(5, ge=1, description="epochs without a val loss or val accuracy gain before stopping")
     lr_patience: int = Field(2, ge=1, description="epochs without a val loss gain before the rate is cut")
     lr_factor: float = Field(0.3, gt=0, lt=1, description="reduce-on-plateau factor")
     # A floor: a noisy validation loss must not cut the rate to ~0 and fake a plateau of an under-fit model.
     min_lr_ratio: float = Field(0.01, gt=0, le=1, description="the rate is never cut below this fraction of its start")
     min_delta: float = Field(1e-3, ge=0, description="val loss decrease (absolute, nats) that counts as progress")
-    # Multipliers of each strategy's own `lr`, each tried for `lr_search_epochs` on the first seed and
-    # chosen on validation accuracy: the same search budget for every strategy, scratch included.
+    # The convergence rule (transferlab.training.loop.CONVERGENCE_RULE): a trend test over the last W epochs,
+    # which a rate cut towards zero cannot pass on its own. W = patience by default: the epochs the plateau
+    # schedule stops after, so the test reads exactly the epochs that made the stop.
+    convergence_window: int | None = Field(
+        None, ge=3, description="W, the last epochs the convergence trend test reads; null: train.patience (min 3)"
+    )
+    # Augmented training batches in train mode: 0.9 there is well past what an under-fit network reaches
+    # (scratch stopped at 0.69-0.71 under the old schedule; every transfer strategy stopped at 0.94-1.0).
+    fit_accuracy: float = Field(
+        0.9, ge=0, le=1, description="training accuracy at the stop from which a model fits its training set"
+    )
+    # A rate cut 10x scales the curve's rise by about as much, below what a W-epoch trend test can detect.
+    plateau_min_lr_ratio: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="least rate at the stop (fraction of the run's peak) at which a flat curve of a model that "
+        "neither fits nor over-fits counts as a plateau; below it the plateau is the schedule's (under-trained)",
+    )
+    # Multipliers of each strategy's own `lr`, each tried for `lr_search_epochs` on the first seed; the rate
+    # nearest the configured one among those within noise of the best validation accuracy wins
+    # (transferlab.training.protocol.LR_CHOICE_RULE). A strategy may set its own search budget (scratch does).
     lr_grid: list[float] = Field([0.3, 1.0, 3.0], min_length=1, description="lr multipliers tried on validation")
-    lr_search_epochs: int = Field(2, ge=1, description="epochs per rate of the grid")
+    lr_search_epochs: int = Field(
+        2, ge=1, description="epochs per rate of the grid (a strategy's own `lr_search_epochs` overrides it)"
+    )
     lr_grid_extend: int = Field(
         1, ge=0, description="extra grid steps beyond an edge when the best rate sits on it (each side)"
     )

@@ -3,11 +3,14 @@
 `review()` compares two revisions (the working tree by default, against `main`):
 
 * every metric that changed (the metrics files of dvc.yaml, flattened; the base's from `git show`);
-* for each strategy with predictions on both sides, the difference in test accuracy and macro F1 with a
-  bootstrap interval over test samples and training seeds (`evaluation.stats.paired_bootstrap_gain`,
-  paired on `sample_id`), marked "beyond noise" (the interval excludes zero) or "within noise". The
-  base's predictions come from the DVC cache by the md5 in the base's `dvc.lock`; when they cannot be
-  found, the review says so and that strategy falls back to the metrics diff;
+* for each strategy with predictions on both sides, the difference in test accuracy and macro F1 with an
+  interval over test samples and training seeds (`evaluation.stats.paired_bootstrap_gain`, paired on
+  `sample_id`: the paired test-sample bootstrap plus a Student-t term for the seed-to-seed spread, whose
+  one-line description is `StrategyDiff.method`), marked "beyond noise" (the interval excludes zero) or
+  "within noise". With one seed on a side the seed-to-seed variance is not estimable: the interval covers
+  test samples only and the review says so (`StrategyDiff.seed_variance`). The base's predictions come from
+  the DVC cache by the md5 in the base's `dvc.lock`; when they cannot be found, the review says so and that
+  strategy falls back to the metrics diff;
 * the params that changed (params.yaml, flattened), the stages whose command, deps or params changed
   (dvc.lock) and whether their outputs changed, the strategies added or removed.
 
@@ -49,8 +52,10 @@ class StrategyDiff:
 
     name: str
     source: str  # where the base predictions came from, or why they are missing
-    gains: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> {gain, ci_low, ci_high, ...}
+    gains: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric -> paired_bootstrap_gain, rounded
     fallback: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # metric -> (old, new) from metrics files
+    method: str = ""  # how the interval is computed (stats.INTERVAL_METHODS), "" without predictions
+    seed_variance: str = ""  # how the seeds enter it, in words (A: this revision, B: the base)
 
     def call(self, metric: str) -> str:
         """'beyond noise (up)' / 'beyond noise (down)' / 'within noise' / 'unknown (no predictions)'."""
@@ -264,8 +269,10 @@ def _strategy_diff(
             n_bootstrap=n_bootstrap,
             confidence=confidence,
             seed=seed,
+            describe=True,
         )
-        diff.gains[metric] = {k: round(float(v), 6) for k, v in g.items()}
+        diff.method, diff.seed_variance = g.pop("method"), g.pop("seed_variance")
+        diff.gains[metric] = {k: v if isinstance(v, bool) else round(float(v), 6) for k, v in g.items()}
     diff.fallback = _fallback(root, base, rev, name)
     return diff
 
@@ -280,6 +287,20 @@ def _fmt(v: Any) -> str:
         return f"{v:.6g}"
     s = str(v)
     return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _interval_notes(r: Review, bullet: str) -> list[str]:
+    """How the intervals were computed, and each strategy whose interval leaves out a model's seed variance."""
+    methods = sorted({s.method for s in r.strategies if s.method})
+    out = [""] + [f"{bullet}interval: {m}" for m in methods] if methods else []
+    for s in r.strategies:
+        g = next(iter(s.gains.values()), None)
+        if g is not None and not g.get("covers_seed_variance", True):
+            out.append(
+                f"{bullet}`{s.name}`: {int(g['seeds_a'])} seed(s) here, {int(g['seeds_b'])} at the base: the "
+                "seed-to-seed variance of a side with 1 seed is not estimable and is not in its interval"
+            )
+    return out
 
 
 def to_markdown(r: Review) -> str:
@@ -297,7 +318,7 @@ def to_markdown(r: Review) -> str:
         lines.append("**Regression beyond noise:** " + ", ".join(f"{s} {m}" for s, m in regs))
     else:
         lines.append("No drop beyond noise.")
-    lines += ["", f"### Test metrics per strategy ({pct}% bootstrap interval over test samples and seeds)", ""]
+    lines += ["", f"### Test metrics per strategy ({pct}% interval over test samples and seeds)", ""]
     if r.strategies:
         lines += ["| strategy | metric | base | this | change | interval | call |", "|---|---|---|---|---|---|---|"]
         for s in r.strategies:
@@ -312,6 +333,7 @@ def to_markdown(r: Review) -> str:
         missing = [s for s in r.strategies if not s.gains]
         for s in missing:
             lines.append(f"\n- `{s.name}`: {s.source}")
+        lines += _interval_notes(r, "- ")
     else:
         lines.append("No strategy is evaluated on both sides.")
     if r.strategies_added or r.strategies_removed:
@@ -360,6 +382,7 @@ def to_text(r: Review) -> str:
                 old, new = s.fallback.get(m, (None, None))
                 why = f": {s.source}" if m == GAIN_METRICS[0] else ""
                 out.append(f"  {s.name:<20} {m:<9} {_fmt(old)} -> {_fmt(new)}  {s.call(m)}{why}")
+    out += _interval_notes(r, "  ")
     for n in r.strategies_added:
         out.append(f"  + strategy {n}")
     for n in r.strategies_removed:

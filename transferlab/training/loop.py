@@ -1,11 +1,14 @@
 """The training loop every strategy shares, so that every number means the same thing.
 
 * `fit`: one run of a `TrainRecipe` (`transferlab.training.recipe`): seeded batches, light augmentation,
-  a one-epoch linear warm-up, then reduce-on-plateau of the learning rate on the validation loss (a schedule
-  defined over the epochs actually run), early stopping once neither the validation loss nor the validation
-  accuracy has improved for `patience` epochs, the best epoch's weights kept (by validation accuracy, ties
-  by validation loss). Whether a plateau was reached before the epoch cap is recorded with its evidence
-  (`TrainResult.convergence`); a model that hit the cap is "under-trained" and no verdict is drawn from it.
+  a linear warm-up (`warmup_epochs`), then the recipe's `schedule`: `plateau` (reduce-on-plateau of the
+  learning rate on the validation loss, a schedule defined over the epochs actually run, and early stopping
+  once neither the validation loss nor the validation accuracy has improved for `patience` epochs) or
+  `cosine` (cosine decay over a fixed budget of `epochs`, no early stopping). The best epoch's weights are
+  kept (by validation accuracy, ties by validation loss).
+* `assess_convergence`: whether the run converged or is under-trained, by a trend test on its last epochs
+  that the schedule alone cannot satisfy (`CONVERGENCE_RULE`), with the evidence (`TrainResult.convergence`);
+  a verdict against scratch is drawn only from converged runs.
 * `training_failure`: accuracy near chance, a loss that never fell below ln(C), or a divergence is a
   finding ("training failed"), with the measured loss curve, gradient norm and learning rate.
 * The learning rate chosen on validation and the runs per seed are `transferlab.training.protocol`'s.
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -43,6 +47,22 @@ if TYPE_CHECKING:
     from transferlab.training.recipe import TrainRecipe
 
 log = logging.getLogger(__name__)
+
+
+# The convergence rule, in the words the report quotes; `assess_convergence` implements it.
+CONVERGENCE_RULE = (
+    "A run is converged when its validation accuracy has stopped rising and the schedule did not make that "
+    "plateau. Over its last W epochs (train.convergence_window, default train.patience, at least 3), the OLS "
+    "slope b of validation accuracy on the epoch, with its standard error SE, must satisfy b - t*SE <= 0 "
+    "(t: the one-sided 95% Student t quantile with W - 2 degrees of freedom: no significant rise). And one "
+    "of: (a) the model fits its training set: its accuracy on the training images (no augmentation) at the "
+    "stop >= train.fit_accuracy; "
+    "(b) over-fitting has begun: over the same window the validation loss rises (b - t*SE > 0) while the "
+    "training loss falls (b + t*SE < 0); (c) the validation loss is not falling either (b + t*SE >= 0) and "
+    "the learning rate at the stop is at least train.plateau_min_lr_ratio of the run's peak rate. Any other "
+    "run is under-trained: still improving, or flat only because its rate was cut or annealed towards zero "
+    "while it neither fits nor over-fits."
+)
 
 
 class DivergenceError(RuntimeError):
@@ -61,7 +81,8 @@ class TrainResult:
     trainable_params: int = 0
     total_params: int = 0
     images_seen: int = 0
-    # {"converged", "stopped_by": "plateau" | "cap", "epoch_cap", "epochs_without_improvement", ...}
+    val_size: int = 0  # validation examples: the n of the binomial noise of `best_val_accuracy`
+    # `assess_convergence`'s evidence and verdict, with {"stopped_by": "plateau" | "cap" | "budget", ...}
     convergence: dict = field(default_factory=dict)
 
     @property
@@ -108,7 +129,7 @@ def fit(
     label: str = "",
     state: Any = None,
 ) -> TrainResult:
-    """Train `model` to a validation plateau (or the epoch cap); the best epoch's weights are restored.
+    """Train `model` by the recipe's schedule; the best epoch's weights are restored.
 
     Args:
         model: the module whose output is the logits (the whole network, or just the head for
@@ -116,14 +137,16 @@ def fit(
         strategy, cfg: the strategy (its optimizer param groups, epoch hook, BatchNorm policy, loss) and config.
         train_inputs, val_inputs: `fn(indices, train)` -> input batch (augmented when train is True).
         train_labels, val_labels: int labels.
-        recipe: what this function reads of the run's `TrainRecipe`: `epochs` (the cap; a run that reaches it
-            without a plateau is marked under-trained), `batch_size`, `weight_decay`, `patience` (epochs
-            without a validation improvement, loss lower by more than `min_delta`, an absolute amount, or
-            accuracy higher, before stopping: absolute, because on a separable problem the loss keeps
-            shrinking by a constant fraction long after nothing changes), `lr_patience` / `lr_factor` /
-            `min_lr_ratio` (reduce-on-plateau of the rate, never below that fraction of its start),
-            `warmup` and `device` (default: the CPU, plain float32; on CUDA the forward pass and the loss
-            run under autocast, see `transferlab.core.device`; the generator stays on the CPU).
+        recipe: what this function reads of the run's `TrainRecipe`: `schedule`, `epochs` (the cap of a
+            `plateau` run, the budget of a `cosine` one), `batch_size`, `weight_decay`, `patience` (`plateau`:
+            epochs without a validation improvement, loss lower by more than `min_delta`, an absolute amount,
+            or accuracy higher, before stopping: absolute, because on a separable problem the loss keeps
+            shrinking by a constant fraction long after nothing changes), `lr_patience` / `lr_factor`
+            (`plateau`: reduce-on-plateau of the rate), `min_lr_ratio` (the rate never goes below that
+            fraction of its start: the floor of both schedules), `warmup` / `warmup_epochs`, the convergence
+            rule's `convergence_window`, `fit_accuracy` and `plateau_min_lr_ratio` (`assess_convergence`),
+            and `device` (default: the CPU, plain float32; on CUDA the forward pass and the loss run under
+            autocast, see `transferlab.core.device`; the generator stays on the CPU).
         generator: seeded generator for shuffling and augmentation.
         label: name for progress bars and errors.
         state: the strategy's per-run state (`Strategy.start_run`), passed to its `loss` and `move_to`.
@@ -168,23 +191,29 @@ def fit(
         bar.set_postfix(val_acc=f"{val_acc:.3f}")
         log.info("%s epoch %d: %s", label, epoch, row)
         best.update(epoch, val_loss, val_acc, model)
-        if best.since_improve >= recipe.patience:
+        # A cosine run spends its whole budget (its rate is still high early on; the best epoch is kept).
+        if recipe.schedule == "plateau" and best.since_improve >= recipe.patience:
             result.stopped_early = epoch < recipe.epochs
             break
-        steps.end_epoch(val_loss)
+        steps.end_epoch(epoch, val_loss)
     result.train_seconds = time.perf_counter() - start
+    # Whether the model fits its training set, judged on the training images as they are (eval mode, no
+    # augmentation) with the weights at the stop: an augmented batch's accuracy, recorded while the weights
+    # still move, understates it.
+    _, fit_acc = _validate(model, train_inputs, y_train, device)
     model.load_state_dict(best.state)
     model.eval()
     result.best_epoch = best.epoch
     result.best_val_accuracy, result.best_val_loss = best.key
-    result.convergence = _convergence(result.history, best, recipe, steps.lr_reductions)
+    result.val_size = len(y_val)
+    result.convergence = _convergence(result.history, best, recipe, steps.lr_reductions, fit_acc)
     return result
 
 
 class _Steps:
-    """The optimisation of one `fit` call: the optimizer, the rate schedule (one-epoch warm-up, then
-    reduce-on-plateau of the validation loss) and the training steps of an epoch, on one process or as one
-    of several (DistributedDataParallel)."""
+    """The optimisation of one `fit` call: the optimizer, the rate schedule (a linear warm-up, then
+    reduce-on-plateau of the validation loss or a cosine decay over the budget) and the training steps of an
+    epoch, on one process or as one of several (DistributedDataParallel)."""
 
     def __init__(
         self,
@@ -220,6 +249,10 @@ class _Steps:
             min_lr=[b * recipe.min_lr_ratio for b in self.base_lrs],
         )
         self.lr_reductions = 0
+        self.total_steps = recipe.epochs * self.steps_per_epoch
+        self.warmup_steps = recipe.warmup_epochs * self.steps_per_epoch if recipe.warmup else 0
+        if recipe.schedule == "cosine":  # at least half the budget decays (a short run of the lr search)
+            self.warmup_steps = min(self.warmup_steps, self.total_steps // 2)
         self.trainable: list[nn.Parameter] = []
         # Several processes (torchrun, `train.processes`): each trains on its part of every batch through DDP.
         self.dist_ctx = distributed.current()
@@ -236,12 +269,14 @@ class _Steps:
         self.strategy.on_epoch_start(self.model, epoch, self.cfg, self.optimizer)
         self.strategy.set_train_mode(self.model)
         self._wrap_for_processes()
-        warmup = self.recipe.warmup and epoch == 1
+        first = (epoch - 1) * self.steps_per_epoch
+        warmup = first < self.warmup_steps
         order = torch.randperm(self.n, generator=self.generator).numpy()
         loss_sum, correct, grad_sq_sum = 0.0, 0, 0.0
         for step in range(self.steps_per_epoch):
-            if warmup:
-                self._set_rates(0.1 + 0.9 * step / self.steps_per_epoch)
+            fraction = self.rate_fraction(first + step)
+            if fraction is not None:
+                self._set_rates(fraction)
             idx = order[step * self.recipe.batch_size : (step + 1) * self.recipe.batch_size]
             done = self._step(idx, epoch, step)
             if done is None:  # a last batch too small to split over the processes: every process skips it
@@ -250,8 +285,8 @@ class _Steps:
             loss_sum += value * len(idx)
             correct += n_correct
             grad_sq_sum += grad_sq
-        if warmup:
-            self._set_rates(1.0)
+        if warmup and first + self.steps_per_epoch >= self.warmup_steps and self.recipe.schedule == "plateau":
+            self._set_rates(1.0)  # the warm-up is over: reduce-on-plateau takes the full rate from here
         if self.dist_ctx is not None:
             correct = int(distributed.all_sum([correct], self.device)[0])
             distributed.sync_buffers(self.model)  # rank 0's BatchNorm statistics everywhere: one validation result
@@ -262,8 +297,27 @@ class _Steps:
             "grad_norm": round(math.sqrt(grad_sq_sum / self.steps_per_epoch), 6),
         }
 
-    def end_epoch(self, val_loss: float) -> None:
-        """Reduce-on-plateau of the rate on the epoch's validation loss (counted when it cut a rate)."""
+    def rate_fraction(self, step: int) -> float | None:
+        """The fraction of each group's base rate at global step `step` (0-based), or None where the schedule
+        leaves the rate as it is (`plateau` after the warm-up: reduce-on-plateau owns it then).
+
+        Warm-up: linear from 10% to 100% over `warmup_steps`. `cosine`: then
+        floor + (1 - floor) * (1 + cos(pi * p)) / 2, p the fraction of the post-warm-up steps done and floor
+        `min_lr_ratio`, so the last step runs just above the floor.
+        """
+        if step < self.warmup_steps:
+            return 0.1 + 0.9 * step / self.warmup_steps
+        if self.recipe.schedule != "cosine":
+            return None
+        p = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        floor = self.recipe.min_lr_ratio
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+    def end_epoch(self, epoch: int, val_loss: float) -> None:
+        """`plateau`, once the warm-up is over: reduce-on-plateau of the rate on the epoch's validation loss
+        (counted when it cut a rate). `cosine`: nothing (the rate follows the steps)."""
+        if self.recipe.schedule != "plateau" or epoch * self.steps_per_epoch < self.warmup_steps:
+            return
         before = [g["lr"] for g in self.optimizer.param_groups]
         self.plateau.step(val_loss)
         after = self.optimizer.param_groups
@@ -362,12 +416,17 @@ class _BestEpoch:
         self.since_improve = 0 if improved else self.since_improve + 1
 
 
-def _convergence(history: list[dict], best: _BestEpoch, recipe: TrainRecipe, lr_reductions: int) -> dict:
-    """Whether the run reached a plateau before the cap, with the evidence (`TrainResult.convergence`)."""
-    converged = best.since_improve >= recipe.patience
+def _convergence(
+    history: list[dict], best: _BestEpoch, recipe: TrainRecipe, lr_reductions: int, train_accuracy: float
+) -> dict:
+    """The run's convergence record (`TrainResult.convergence`): how it stopped, and `assess_convergence`'s
+    verdict and evidence (`train_accuracy`: on the training set at the stop, without augmentation)."""
+    if recipe.schedule == "cosine":
+        stopped_by = "budget"
+    else:
+        stopped_by = "plateau" if best.since_improve >= recipe.patience else "cap"
     return {
-        "converged": converged,
-        "stopped_by": "plateau" if converged else "cap",
+        "stopped_by": stopped_by,
         "epoch_cap": recipe.epochs,
         "epochs_run": len(history),
         "best_epoch": best.epoch,
@@ -375,9 +434,133 @@ def _convergence(history: list[dict], best: _BestEpoch, recipe: TrainRecipe, lr_
         "epochs_without_improvement": best.since_improve,
         "lr_reductions": lr_reductions,
         "final_lr": history[-1]["lr"],
-        # The evidence: how much the last `patience` epochs gained over the best before them.
+        # How much the last `patience` epochs gained over the best before them (<= 0 on a plateau).
         "val_accuracy_gain_last_epochs": _recent_gain(history, recipe.patience),
+        **assess_convergence(
+            history,
+            window=recipe.trend_window,
+            fit_accuracy=recipe.fit_accuracy,
+            plateau_min_lr_ratio=recipe.plateau_min_lr_ratio,
+            train_accuracy=train_accuracy,
+        ),
     }
+
+
+# One-sided level of the trend tests of `CONVERGENCE_RULE`.
+TREND_CONFIDENCE = 0.95
+
+
+def trend(values: list[float]) -> tuple[float, float]:
+    """(OLS slope per epoch, its standard error) of `values`, one per consecutive epoch (at least 3).
+
+    The standard error is the textbook one, sqrt(residual variance / sum((x - mean x)^2)) with W - 2 degrees of
+    freedom; a curve on an exact line (a constant one included) has SE 0.
+    """
+    y = np.asarray(values, dtype=float)
+    if len(y) < 3:
+        raise ValueError(f"trend: needs at least 3 values (got {len(y)})")
+    x = np.arange(len(y), dtype=float)
+    xc = x - x.mean()
+    sxx = float(xc @ xc)
+    slope = float(xc @ (y - y.mean())) / sxx
+    resid = y - y.mean() - slope * xc
+    return slope, math.sqrt(max(0.0, float(resid @ resid)) / (len(y) - 2) / sxx)
+
+
+def assess_convergence(
+    history: list[dict],
+    *,
+    window: int,
+    fit_accuracy: float,
+    plateau_min_lr_ratio: float,
+    train_accuracy: float | None = None,
+) -> dict[str, Any]:
+    """`CONVERGENCE_RULE` applied to a run's per-epoch history: the verdict and its evidence.
+
+    Args:
+        history: the rows `fit` records (`lr`, `train_loss`, `train_accuracy`, `val_loss`, `val_accuracy`).
+        window: W, the last epochs the trend tests read (at least 3).
+        fit_accuracy: the training accuracy at the stop from which the model fits its training set.
+        plateau_min_lr_ratio: the least rate at the stop, as a fraction of the run's peak rate, at which a
+            flat curve of a model that neither fits nor over-fits still counts as a plateau.
+        train_accuracy: the accuracy on the training set at the stop (`fit` measures it without augmentation,
+            in eval mode); None: the last epoch's, as the history records it (on augmented batches).
+
+    Returns:
+        {"converged": bool, "verdict": "converged" | "under-trained", "reason", "trend_window", "t_critical",
+        the slopes and standard errors of val accuracy, val loss and train loss over the window
+        ("val_accuracy_slope", "val_accuracy_slope_se", ...), "start_lr" (the peak), "lr_ratio_at_stop",
+        "train_accuracy_at_stop" (the one judged), "train_accuracy_last_epoch" (the history's), "fits_training_set",
+        "overfitting_onset", "fit_accuracy", "plateau_min_lr_ratio"}; floats rounded to 6 significant digits (the
+        record is a DVC metric).
+
+    Raises:
+        ValueError: a window below 3.
+    """
+    if window < 3:
+        raise ValueError(f"assess_convergence: window must be >= 3 (got {window})")
+    lrs = [r["lr"] for r in history]
+    start_lr = max(lrs) if lrs else 0.0
+    last_epoch_acc = history[-1]["train_accuracy"] if history else None
+    train_acc = last_epoch_acc if train_accuracy is None else round(float(train_accuracy), 6)
+    out: dict[str, Any] = {
+        "trend_window": window,
+        "fit_accuracy": fit_accuracy,
+        "plateau_min_lr_ratio": plateau_min_lr_ratio,
+        "start_lr": start_lr,
+        "lr_ratio_at_stop": _sig(lrs[-1] / start_lr) if start_lr > 0 else None,
+        "train_accuracy_at_stop": train_acc,
+        "train_accuracy_last_epoch": last_epoch_acc,
+    }
+    if len(history) < window:
+        why = f"only {len(history)} epoch(s) run, fewer than the trend window W = {window}"
+        return {"converged": False, "verdict": "under-trained", "reason": why, **out}
+    last = history[-window:]
+    t = float(stats.t.ppf(TREND_CONFIDENCE, window - 2))
+    slopes = {k: trend([r[k] for r in last]) for k in ("val_accuracy", "val_loss", "train_loss")}
+    for k, (b, se) in slopes.items():
+        out[f"{k}_slope"], out[f"{k}_slope_se"] = _sig(b), _sig(se)
+    out["t_critical"] = _sig(t)
+    (acc_b, acc_se), (loss_b, loss_se), (tr_b, tr_se) = slopes.values()
+    acc_rising = acc_b - t * acc_se > 0
+    loss_falling = loss_b + t * loss_se < 0
+    fits = train_acc >= fit_accuracy
+    onset = loss_b - t * loss_se > 0 and tr_b + t * tr_se < 0
+    ratio = lrs[-1] / start_lr if start_lr > 0 else 0.0
+    out["fits_training_set"], out["overfitting_onset"] = fits, onset
+    acc_txt = (
+        f"val accuracy slope {acc_b * 100:+.3g} pp/epoch (SE {acc_se * 100:.3g}, t {t:.3g}) over the last {window} "
+        "epochs"
+    )
+    fit_txt = f"train accuracy at the stop {train_acc:.3f}"
+    if acc_rising:
+        converged, why = False, f"still improving: {acc_txt}"
+    elif fits:
+        converged, why = True, f"flat ({acc_txt}); fits its training set ({fit_txt} >= {fit_accuracy:g})"
+    elif onset:
+        converged, why = True, f"flat ({acc_txt}); over-fitting onset (val loss rising, train loss falling)"
+    elif loss_falling:
+        converged = False
+        why = (
+            f"still improving: val loss slope {loss_b:+.3g}/epoch (SE {loss_se:.3g}) over the last {window} "
+            f"epochs, and it does not fit its training set ({fit_txt} < {fit_accuracy:g})"
+        )
+    elif ratio < plateau_min_lr_ratio:
+        converged = False
+        why = (
+            f"plateau made by the schedule: the rate at the stop is {ratio:.3g} of its peak "
+            f"(< {plateau_min_lr_ratio:g}), with {fit_txt} < {fit_accuracy:g} and no over-fitting onset"
+        )
+    else:
+        converged = True
+        why = f"flat ({acc_txt}; val loss not falling) at a rate {ratio:.3g} of its peak (>= {plateau_min_lr_ratio:g})"
+    verdict = "converged" if converged else "under-trained"
+    return {"converged": converged, "verdict": verdict, "reason": why, **out}
+
+
+def _sig(x: float) -> float:
+    """`x` to 6 significant digits: the same JSON on every rerun."""
+    return float(f"{x:.6g}")
 
 
 def _recent_gain(history: list[dict], window: int) -> float | None:

@@ -5,8 +5,8 @@
 * `train_strategy`: one run: the strategy's helper networks (a distillation teacher) trained with the same
   recipe, its per-run state, its model built from the source, trained by `fit` on images or on the features
   cache, and handed back on the CPU.
-* `train_protocol`: the learning rate chosen on validation (`search_learning_rate`), then one run per
-  training seed (`train_seeds`).
+* `train_protocol`: the learning rate chosen on validation (`search_learning_rate`, by `LR_CHOICE_RULE`), then
+  one run per training seed (`train_seeds`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from transferlab.training.loop import DivergenceError, TrainResult, fit, image_b
 from transferlab.training.recipe import TrainRecipe, build_recipe
 
 __all__ = [
+    "LR_CHOICE_RULE",
     "ProtocolResult",
     "TrainRecipe",
     "build_recipe",
@@ -40,6 +41,16 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# How the learning rate is chosen, in the words the report quotes; `choose_rate` implements it.
+LR_CHOICE_RULE = (
+    "Each rate of the grid (train.lr_grid x the strategy's lr) trains for the search budget on the first seed. "
+    "Among the rates whose short run neither diverged nor failed, the best validation accuracy a* sets the "
+    "noise: one binomial standard error, sqrt(a* (1 - a*) / n), n the validation examples. Every rate within it "
+    "(validation accuracy >= a* - SE) is as good as the best; of those, the one nearest the configured rate in "
+    "log distance |ln(multiplier)| wins (then the higher accuracy, the lower validation loss). A winner on an "
+    "edge of the grid extends the grid by its own step."
+)
 
 # --- one run ---------------------------------------------------------------------------------------------
 
@@ -199,12 +210,15 @@ def _hand_back(
 
 @dataclass
 class ProtocolResult:
-    """What `train_protocol` found: the rate chosen on validation and one converged run per seed."""
+    """What `train_protocol` found: the rate chosen on validation (with `choose_rate`'s record of the choice:
+    the rule, the best accuracy, the noise band and the candidates within it; empty without a search) and one
+    run per seed."""
 
     lr: float
     lr_search: list[dict]
     runs: dict[int, TrainResult]
     failures: dict[int, str]
+    lr_choice: dict = field(default_factory=dict)
 
 
 # (cfg, recipe, seed, label) -> one run's TrainResult, of one strategy on one data set from a fresh source.
@@ -226,8 +240,9 @@ def train_protocol(
     """The protocol behind every trained number: rate on validation, then each seed to a plateau.
 
     1. Learning rate (`search_learning_rate`): for each multiplier m of `recipe.lr_grid`, a short run
-       (`recipe.lr_search_epochs`, first seed) at `cfg.lr * m`; the rate with the best validation accuracy
-       wins. Every strategy gets the same grid and rule, scratch included. The test split is never touched.
+       (`recipe.lr_search_epochs`, first seed) at `cfg.lr * m`; among the rates within noise of the best
+       validation accuracy, the one nearest `cfg.lr` wins (`LR_CHOICE_RULE`). Every strategy gets the same grid
+       and rule, scratch included (its search budget may be its own). The test split is never touched.
     2. One run per seed in `recipe.seeds` at that rate, to a plateau or the cap `recipe.epochs`
        (`train_seeds`).
 
@@ -262,22 +277,26 @@ def train_protocol(
 
     lr, search = search_learning_rate(run, cfg, recipe, num_classes, label)
     runs, failures = train_seeds(run, cfg.model_copy(update={"lr": lr}), recipe, num_classes, label)
-    return ProtocolResult(lr=lr, lr_search=search, runs=runs, failures=failures)
+    choice = choose_rate(search)[2] if search else {}
+    return ProtocolResult(lr=lr, lr_search=search, runs=runs, failures=failures, lr_choice=choice)
 
 
 def search_learning_rate(
     run: RunFn, cfg: StrategyConfig, recipe: TrainRecipe, num_classes: int, label: str
 ) -> tuple[float, list[dict]]:
-    """The rate of `cfg.lr * m` over the multipliers m of `recipe.lr_grid` with the best validation accuracy.
+    """The rate of `cfg.lr * m` over the multipliers m of `recipe.lr_grid` chosen by `LR_CHOICE_RULE`.
 
-    Each rate gets a short run (`recipe.lr_search_epochs`) on the first seed. Ties: lower validation loss,
-    then the multiplier nearer 1. A rate that diverged or whose short run failed (see `training_failure`)
-    loses. When every short run failed, the grid is tried once more at twice the budget; a best rate on an
-    edge of the grid extends it by the grid's own step (`recipe.lr_grid_extend` times at most).
+    Each rate gets a short run (`recipe.lr_search_epochs`) on the first seed; the winner is the rate nearest
+    `cfg.lr` among those within one binomial standard error of the best validation accuracy (`choose_rate`),
+    so that floating-point noise between machines does not flip the choice. A rate that diverged or whose short
+    run failed (see `training_failure`) loses. When every short run failed, the grid is tried once more at twice
+    the budget; a winner on an edge of the grid extends it by the grid's own step (`recipe.lr_grid_extend`
+    times at most).
 
     Returns:
-        (lr, search table): one row per rate tried, sorted by (budget, multiplier); `chosen` marks the winner.
-        A one-rate grid skips the search: (`cfg.lr * lr_grid[0]`, []).
+        (lr, search table): one row per rate tried, sorted by (budget, multiplier); `chosen` marks the winner,
+        `within_noise` the rates within noise of the best (the candidates). A one-rate grid skips the search:
+        (`cfg.lr * lr_grid[0]`, []).
 
     Raises:
         DivergenceError: every rate of the grid diverged.
@@ -295,6 +314,7 @@ def search_learning_rate(
                 cfg.model_copy(update={"lr": lr}), recipe.short_run(budget), recipe.seeds[0], f"{label} lr={lr:g}"
             )
             row.update(val_accuracy=round(res.best_val_accuracy, 6), val_loss=round(res.best_val_loss, 6))
+            row["val_size"] = res.val_size
             failed = training_failure(res.history, num_classes, res.best_val_accuracy)
             if failed:
                 row["failed"] = failed
@@ -315,38 +335,66 @@ def search_learning_rate(
         budget *= 2
         for mult in grid:
             try_rate(mult)
-    # A best rate on the grid's edge says the optimum may lie beyond it: extend by the grid's own step,
+    # A winner on the grid's edge says the optimum may lie beyond it: extend by the grid's own step,
     # `lr_grid_extend` times at most on each side (the same rule for every strategy).
     low_step, high_step = grid[1] / grid[0], grid[-1] / grid[-2]
     for _ in range(recipe.lr_grid_extend):
-        best = _best_rate(search)
-        mults = [r["lr_multiplier"] for r in search]
+        best = choose_rate(search)[0]
+        mults = [r["lr_multiplier"] for r in search if not r.get("superseded")]
         if best is None or min(mults) < best["lr_multiplier"] < max(mults):
             break
         if best["lr_multiplier"] == max(mults):
             try_rate(max(mults) * high_step)
         else:
             try_rate(min(mults) / low_step)
-    best = _best_rate(search)
+    best, within, _ = choose_rate(search)
     if best is None:
         raise DivergenceError(
             f"{label}: every rate of the grid {[r['lr'] for r in search]} diverged; lower strategies.{label}.lr"
         )
     for r in search:
         r["chosen"] = r is best
+        if not r.get("superseded") and r["val_accuracy"] is not None:
+            r["within_noise"] = any(r is w for w in within)
     search.sort(key=lambda r: (r["epochs"], r["lr_multiplier"]))
     return best["lr"], search
 
 
-def _best_rate(search: list[dict]) -> dict | None:
-    """The winning row of the search table so far (see `search_learning_rate`), or None when all diverged."""
+def choose_rate(search: list[dict]) -> tuple[dict | None, list[dict], dict[str, Any]]:
+    """`LR_CHOICE_RULE` on the search table so far: the winning row (None when every rate diverged), the rows
+    within noise of the best, and the record of the choice.
+
+    Args:
+        search: rows with `lr_multiplier`, `lr`, `val_accuracy` (None: diverged), `val_loss`, `val_size` (the
+            validation examples) and, where they apply, `failed` and `superseded`.
+
+    Returns:
+        (winner, rows within noise, record): the record holds "rule", "best_val_accuracy", "val_size",
+        "noise_se" (the binomial standard error at the best accuracy), "candidates" (the rates within noise of
+        the best, ascending) and "chosen_lr".
+    """
     ok = [r for r in search if r["val_accuracy"] is not None and not r.get("superseded")]
     # A rate whose short run already failed (loss stuck at ln C, accuracy at chance) is out, unless every
     # rate failed: a lucky validation accuracy must not elect a rate that does not train.
     ok = [r for r in ok if "failed" not in r] or ok
     if not ok:
-        return None
-    return max(ok, key=lambda r: (r["val_accuracy"], -r["val_loss"], -abs(math.log(r["lr_multiplier"]))))
+        return None, [], {"rule": LR_CHOICE_RULE, "candidates": [], "chosen_lr": None}
+    best_acc = max(r["val_accuracy"] for r in ok)
+    n = min((r.get("val_size") or 0) for r in ok)
+    # n unknown (0): no noise band, the best accuracy alone (a hand-made table).
+    se = math.sqrt(best_acc * (1 - best_acc) / n) if n > 0 else 0.0
+    # A hair of slack: an accuracy exactly one SE below the best is within noise, whatever its last bit.
+    within = [r for r in ok if r["val_accuracy"] >= best_acc - se - 1e-12]
+    winner = min(within, key=lambda r: (abs(math.log(r["lr_multiplier"])), -r["val_accuracy"], r["val_loss"]))
+    record = {
+        "rule": LR_CHOICE_RULE,
+        "best_val_accuracy": best_acc,
+        "val_size": n,
+        "noise_se": round(se, 6),
+        "candidates": sorted(r["lr"] for r in within),
+        "chosen_lr": winner["lr"],
+    }
+    return winner, within, record
 
 
 def train_seeds(
