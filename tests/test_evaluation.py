@@ -147,20 +147,69 @@ def test_macro_f1_bootstrap_point_matches_sklearn():
 def test_equal_compute_reads_the_scratch_curve():
     strategy = [
         [
-            {"epoch": 1, "train_gflops": 10.0, "val_accuracy": 0.7},
-            {"epoch": 2, "train_gflops": 20.0, "val_accuracy": 0.8},
+            {"epoch": 1, "train_gflops": 10.0, "val_accuracy": 0.7, "val_loss": 0.9},
+            {"epoch": 2, "train_gflops": 20.0, "val_accuracy": 0.8, "val_loss": 0.7},
         ]
     ]
     scratch = [
-        [{"epoch": e, "train_gflops": 8.0 * e, "val_accuracy": a} for e, a in enumerate([0.3, 0.5, 0.7, 0.82], 1)]
+        [
+            {"epoch": e, "train_gflops": 8.0 * e, "val_accuracy": a, "val_loss": 1.0}
+            for e, a in enumerate([0.3, 0.5, 0.7, 0.82], 1)
+        ]
     ]
     ec = equal_compute(strategy, scratch)
     assert ec["strategy_gflops"] == 20.0 and ec["strategy_val_accuracy"] == 0.8
     assert ec["scratch_val_accuracy_at_that_compute"] == 0.5  # epochs 1-2 (16 GFLOPs) fit within 20
     assert ec["scratch_gflops_to_match"] == 32.0
-    never = [[{"epoch": 1, "train_gflops": 30.0, "val_accuracy": 0.4}]]
+    never = [[{"epoch": 1, "train_gflops": 30.0, "val_accuracy": 0.4, "val_loss": 1.0}]]
     ec = equal_compute(strategy, never)
     assert ec["scratch_val_accuracy_at_that_compute"] is None and ec["scratch_gflops_to_match"] is None
+
+
+def test_equal_compute_measures_at_the_checkpoint_kept():
+    """A tie on validation accuracy goes to the lower validation loss (the weights fit keeps), not the
+    earlier epoch: equal compute is read at the kept checkpoint's compute."""
+    strategy = [
+        [
+            {"epoch": 1, "train_gflops": 10.0, "val_accuracy": 0.8, "val_loss": 0.9},
+            {"epoch": 2, "train_gflops": 20.0, "val_accuracy": 0.8, "val_loss": 0.6},
+            {"epoch": 3, "train_gflops": 30.0, "val_accuracy": 0.8, "val_loss": 0.6},
+        ]
+    ]
+    scratch = [[{"epoch": 1, "train_gflops": 15.0, "val_accuracy": 0.5, "val_loss": 1.0}]]
+    assert equal_compute(strategy, scratch)["strategy_gflops"] == 20.0  # epoch 2: lower loss, then earlier
+
+
+def test_fit_keeps_the_best_row_of_its_history(tiny_source, tiny_data):
+    """The loop's kept checkpoint and `best_row` of its history are the same epoch (one definition)."""
+    import copy
+
+    import torch
+
+    from transferlab.core.seeding import seed_everything
+    from transferlab.models.inference import extract
+    from transferlab.strategies import get_strategy, strategy_config
+    from transferlab.training.best import best_row
+    from transferlab.training.protocol import TrainRecipe, train_strategy
+
+    features = {
+        s: extract(tiny_source.model, tiny_data["images"][s], tiny_source.mean, tiny_source.std)[0]
+        for s in ("train", "val")
+    }
+    res = train_strategy(
+        get_strategy("linear_probe"),
+        strategy_config("linear_probe", {"lr": 0.01}),
+        copy.deepcopy(tiny_source),
+        tiny_data["images"],
+        tiny_data["labels"],
+        3,
+        TrainRecipe(epochs=8, batch_size=8, patience=8, weight_decay=0.0, device=torch.device("cpu")),
+        seed=0,
+        generator=seed_everything(0),
+        features=features,
+    )
+    assert len(res.history) == 8
+    assert res.best_epoch == best_row(res.history)["epoch"]
 
 
 def test_raw_pixel_baseline_chooses_C_on_validation(tiny_data):

@@ -35,6 +35,7 @@ from transferlab.core import layout
 from transferlab.core.io import read_json
 from transferlab.evaluation.stats import paired_bootstrap_gain
 from transferlab.params import BaselineParams, CompareParams, TrainParams
+from transferlab.training.best import best_row
 
 INTERVAL_COVERS = "test samples (paired bootstrap) and training seeds (resampled with replacement per model)"
 
@@ -95,9 +96,6 @@ def equal_compute(strategy_curves: list[list[dict]], scratch_curves: list[list[d
         compute at which scratch first reached the strategy's accuracy, or None, with
         'scratch_reached_in_seeds' (how many scratch seeds reached it)}.
     """
-
-    def best_row(curve: list[dict]) -> dict:
-        return max(curve, key=lambda r: (r["val_accuracy"], -r["epoch"]))
 
     s_gflops = float(np.mean([best_row(c)["train_gflops"] for c in strategy_curves]))
     s_acc = float(np.mean([best_row(c)["val_accuracy"] for c in strategy_curves]))

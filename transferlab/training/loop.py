@@ -42,6 +42,7 @@ from transferlab.core.device import as_device, autocast_context, make_grad_scale
 from transferlab.models.inference import predict_logits, to_input
 from transferlab.models.sources import SourceModel
 from transferlab.strategies import Strategy, StrategyConfig
+from transferlab.training.best import best_epoch_key
 
 if TYPE_CHECKING:
     from transferlab.training.recipe import TrainRecipe
@@ -409,7 +410,7 @@ class _BestEpoch:
         improved = False
         if val_loss < self.best_loss - self.min_delta:
             self.best_loss, improved = val_loss, True
-        if (val_acc, -val_loss) > (self.key[0], -self.key[1]):
+        if best_epoch_key(val_acc, val_loss) > best_epoch_key(*self.key):
             improved = improved or val_acc > self.key[0]
             self.key, self.epoch = (val_acc, val_loss), epoch
             self.state = copy.deepcopy(model.state_dict())
