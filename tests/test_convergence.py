@@ -1,5 +1,5 @@
-"""The convergence rule (`transferlab.training.loop.CONVERGENCE_RULE`) and the robust learning-rate choice
-(`transferlab.training.protocol.LR_CHOICE_RULE`), on hand-made curves and search tables: each test names the
+"""The convergence rule (`transferlab.training.rules.CONVERGENCE_RULE`) and the robust learning-rate choice
+(`transferlab.training.rules.LR_CHOICE_RULE`), on hand-made curves and search tables: each test names the
 run it stands for and fails if the rule takes a schedule's doing for a plateau, or noise for a better rate."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from torch import nn
 
 from transferlab.core.seeding import seed_everything
 from transferlab.strategies import get_strategy, strategy_config
-from transferlab.training.loop import CONVERGENCE_RULE, assess_convergence, fit, tensor_batches, trend
-from transferlab.training.protocol import LR_CHOICE_RULE, choose_rate
+from transferlab.training.loop import assess_convergence, fit, tensor_batches, trend
+from transferlab.training.protocol import choose_rate
 from transferlab.training.recipe import TrainRecipe
+from transferlab.training.rules import CONVERGENCE_RULE, LR_CHOICE_RULE
 
 RULE = {"window": 5, "fit_accuracy": 0.9, "plateau_min_lr_ratio": 0.1}
 

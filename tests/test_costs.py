@@ -215,3 +215,19 @@ def test_cost_profile_keys_and_determinism(effnet: nn.Module) -> None:
     assert all(math.isfinite(v) and v > 0 for v in timed.values())
     det2, _ = costs.cost_profile(effnet, 32, latency_repeats=1)
     assert det2 == det
+
+
+def test_train_flops_charge_frozen_layers_forward_only():
+    """Hand-counted on Linear(4, 8) -> ReLU -> Linear(8, 3): forward 2*4*8 + 2*8*3 = 112 FLOPs. All trainable:
+    weight gradients 112 + the second layer's input gradient 48 (nothing below the first layer) = 160.
+    First layer frozen: the second layer's weight gradient only, 48. Nothing trainable: forward only."""
+    from transferlab.models.costs import train_flops_per_image
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x = torch.zeros(1, 4)
+    assert train_flops_per_image(net, x) == {"forward": 112, "backward": 160, "total": 272}
+    net[0].requires_grad_(False)
+    assert train_flops_per_image(net, x) == {"forward": 112, "backward": 48, "total": 160}
+    net[2].requires_grad_(False)
+    assert train_flops_per_image(net, x) == {"forward": 112, "backward": 0, "total": 112}
+    assert all(m.training for m in net.modules())  # the caller's flags are restored

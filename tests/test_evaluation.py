@@ -189,8 +189,8 @@ def test_fit_keeps_the_best_row_of_its_history(tiny_source, tiny_data):
     from transferlab.core.seeding import seed_everything
     from transferlab.models.inference import extract
     from transferlab.strategies import get_strategy, strategy_config
-    from transferlab.training.best import best_row
     from transferlab.training.protocol import TrainRecipe, train_strategy
+    from transferlab.training.rules import best_row
 
     features = {
         s: extract(tiny_source.model, tiny_data["images"][s], tiny_source.mean, tiny_source.std)[0]

@@ -210,7 +210,7 @@ class TrainParams(Section):
     # A floor: a noisy validation loss must not cut the rate to ~0 and fake a plateau of an under-fit model.
     min_lr_ratio: float = Field(0.01, gt=0, le=1, description="the rate is never cut below this fraction of its start")
     min_delta: float = Field(1e-3, ge=0, description="val loss decrease (absolute, nats) that counts as progress")
-    # The convergence rule (transferlab.training.loop.CONVERGENCE_RULE): a trend test over the last W epochs,
+    # The convergence rule (transferlab.training.rules.CONVERGENCE_RULE): a trend test over the last W epochs,
     # which a rate cut towards zero cannot pass on its own. W = patience by default: the epochs the plateau
     # schedule stops after, so the test reads exactly the epochs that made the stop.
     convergence_window: int | None = Field(
@@ -231,7 +231,7 @@ class TrainParams(Section):
     )
     # Multipliers of each strategy's own `lr`, each tried for `lr_search_epochs` on the first seed; the rate
     # nearest the configured one among those within noise of the best validation accuracy wins
-    # (transferlab.training.protocol.LR_CHOICE_RULE). A strategy may set its own search budget (scratch does).
+    # (transferlab.training.rules.LR_CHOICE_RULE). A strategy may set its own search budget (scratch does).
     lr_grid: list[float] = Field([0.3, 1.0, 3.0], min_length=1, description="lr multipliers tried on validation")
     lr_search_epochs: int = Field(
         2, ge=1, description="epochs per rate of the grid (a strategy's own `lr_search_epochs` overrides it)"

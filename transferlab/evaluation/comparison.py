@@ -33,9 +33,15 @@ import numpy as np
 
 from transferlab.core import layout
 from transferlab.core.io import read_json
-from transferlab.evaluation.stats import paired_bootstrap_gain
+from transferlab.evaluation.stats import INTERVAL_METHOD, paired_bootstrap_gain
 from transferlab.params import BaselineParams, CompareParams, TrainParams
-from transferlab.training.best import best_row
+from transferlab.training.rules import (
+    BEST_EPOCH_RULE,
+    CONVERGENCE_RULE,
+    LR_CHOICE_RULE,
+    TRAINING_COMPUTE_RULE,
+    best_row,
+)
 
 INTERVAL_COVERS = "test samples (paired bootstrap) and training seeds (resampled with replacement per model)"
 
@@ -521,22 +527,21 @@ def read_run_results(
 
 
 def protocol_text(train: TrainParams, compare: CompareParams, baseline: BaselineParams) -> str:
-    """The protocol behind every number of the summary, in one paragraph (the report prints it)."""
+    """The protocol behind every number of the summary, with the rules quoted in full (the report prints it)."""
     tp, cp = train, compare
     return (
         f"Every model: learning rate chosen on the validation split from {list(tp.lr_grid)} x its configured "
-        f"rate ({tp.lr_search_epochs} epochs per rate, first seed, one more step beyond an edge of the grid when the "
-        f"best rate sits on it, up to {tp.lr_grid_extend}; the same grid and rule for every strategy, "
-        f"scratch included); then trained once per seed {list(tp.seeds)} with warm-up and reduce-on-plateau "
-        f"until neither validation loss nor accuracy improved for {tp.patience} epochs (cap {tp.epochs}; a run "
-        "that hits the cap is under-trained and gets no verdict); the best validation epoch kept. The classical "
-        f"baseline ({describe(baseline.model)})'s C is chosen on validation from "
+        f"rate ({tp.lr_search_epochs} epochs per rate unless the strategy sets its own search budget, first seed). "
+        f"{LR_CHOICE_RULE} Then one run per seed {list(tp.seeds)}: a linear warm-up, then reduce-on-plateau "
+        f"with early stopping after {tp.patience} epochs without a validation gain (cap {tp.epochs}), or, where a "
+        "strategy sets `schedule: cosine` (scratch does), warm-up and cosine decay over its whole epoch budget. "
+        f"{BEST_EPOCH_RULE} {CONVERGENCE_RULE} An under-trained run gets no verdict. {TRAINING_COMPUTE_RULE} "
+        f"The classical baseline ({describe(baseline.model)})'s C is chosen on validation from "
         f"{list(baseline.C_grid)}. Every gain is reported against {cp.baseline} and against the best model without "
         f"transfer ({cp.baseline} or the classical baseline, whichever is better on validation); the headline uses "
         "the latter. The recommendation is the best model on validation, both of them included. The test split is "
-        "used only to report. Intervals: "
-        f"{round(cp.confidence * 100)}% percentile bootstrap ({cp.n_bootstrap} replicates) over test samples "
-        "(paired) and training seeds (resampled per model)."
+        f"used only to report. Intervals ({round(cp.confidence * 100)}%, {cp.n_bootstrap} replicates): "
+        f"{INTERVAL_METHOD}."
     )
 
 

@@ -7,6 +7,8 @@ times larger, slower or hungrier for training memory may not fit the budget. Thi
 
 - `count_parameters`: the number of parameters (size on disk / in memory).
 - `flops_per_image`: forward FLOPs of one image, counted by torch's `FlopCounterMode`.
+- `train_flops_per_image`: forward + backward FLOPs of one training image, frozen parts charged forward only
+  (`transferlab.training.rules.TRAINING_COMPUTE_RULE`: the one definition of training compute).
 - `train_step_memory_bytes`: a deterministic estimate of the peak memory of one AdamW training step.
 - `latency_ms`: measured wall time per image of an inference forward pass.
 - `cost_profile`: all of the above, split into a deterministic part (fit for reproducible metrics files)
@@ -27,7 +29,15 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["cost_profile", "count_parameters", "flops_per_image", "latency_ms", "train_step_memory_bytes"]
+__all__ = [
+    "cost_profile",
+    "count_parameters",
+    "flops_per_image",
+    "latency_ms",
+    "train_flops_per_image",
+    "train_step_memory_bytes",
+]
+
 
 _IN_CHANS = 3
 
@@ -43,6 +53,11 @@ def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
         if p.is_floating_point():
             return p.device, p.dtype
     return torch.device("cpu"), torch.float32
+
+
+def example_input(model: nn.Module, image_size: int) -> torch.Tensor:
+    """One fixed example for counting FLOPs: a (1, 3, size, size) image, or (1, size) token ids for a text model."""
+    return _random_batch(model, 1, image_size, seed=0)
 
 
 def _random_batch(model: nn.Module, batch_size: int, image_size: int, seed: int) -> torch.Tensor:
@@ -111,6 +126,52 @@ def flops_per_image(model: nn.Module, image_size: int) -> int:
     with _eval_mode(model), torch.no_grad(), counter:
         model(x)
     return int(counter.get_total_flops())
+
+
+def train_flops_per_image(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Forward and backward FLOPs of one training example under `transferlab.training.rules.TRAINING_COMPUTE_RULE`.
+
+    Every leaf module's forward FLOPs are measured in call order (torch's `FlopCounterMode`, eval mode,
+    no_grad, the caller's flags restored). Leaves called after the first one with a trainable parameter pay 1x
+    their forward FLOPs for the input gradient; leaves with trainable parameters pay 1x more for the weight
+    gradient. FLOPs counted outside any leaf (an attention op inside a block's own forward) are charged for
+    the input gradient whenever anything trains: an upper bound for them.
+
+    Args:
+        model: the network as it trains (its `requires_grad` flags set by the strategy).
+        example: one input batch of size 1 (an image, token ids or a feature vector).
+
+    Returns:
+        {'forward', 'backward', 'total'}: integer FLOPs per example.
+    """
+    counter = FlopCounterMode(display=False)
+    calls: list[tuple[int, bool]] = []  # (forward FLOPs, has trainable params) per leaf call, in order
+    starts: dict[int, int] = {}
+
+    def pre(module: nn.Module, _inputs: object) -> None:
+        starts[id(module)] = counter.get_total_flops()
+
+    def post(module: nn.Module, _inputs: object, _output: object) -> None:
+        trainable = any(p.requires_grad for p in module.parameters(recurse=False))
+        calls.append((counter.get_total_flops() - starts.pop(id(module)), trainable))
+
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_pre_hook(pre) for m in leaves] + [m.register_forward_hook(post) for m in leaves]
+    try:
+        with _eval_mode(model), torch.no_grad(), counter:
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    forward = int(counter.get_total_flops())
+    first = next((i for i, (_, t) in enumerate(calls) if t), None)
+    if first is None:
+        return {"forward": forward, "backward": 0, "total": forward}
+    input_grads = sum(f for f, _ in calls[first + 1 :])
+    weight_grads = sum(f for f, t in calls if t)
+    outside = forward - sum(f for f, _ in calls)
+    backward = int(input_grads + weight_grads + outside)
+    return {"forward": forward, "backward": backward, "total": forward + backward}
 
 
 def _training_copy(model: nn.Module, num_classes: int) -> nn.Module:

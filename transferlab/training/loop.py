@@ -42,28 +42,12 @@ from transferlab.core.device import as_device, autocast_context, make_grad_scale
 from transferlab.models.inference import predict_logits, to_input
 from transferlab.models.sources import SourceModel
 from transferlab.strategies import Strategy, StrategyConfig
-from transferlab.training.best import best_epoch_key
+from transferlab.training.rules import best_epoch_key
 
 if TYPE_CHECKING:
     from transferlab.training.recipe import TrainRecipe
 
 log = logging.getLogger(__name__)
-
-
-# The convergence rule, in the words the report quotes; `assess_convergence` implements it.
-CONVERGENCE_RULE = (
-    "A run is converged when its validation accuracy has stopped rising and the schedule did not make that "
-    "plateau. Over its last W epochs (train.convergence_window, default train.patience, at least 3), the OLS "
-    "slope b of validation accuracy on the epoch, with its standard error SE, must satisfy b - t*SE <= 0 "
-    "(t: the one-sided 95% Student t quantile with W - 2 degrees of freedom: no significant rise). And one "
-    "of: (a) the model fits its training set: its accuracy on the training images (no augmentation) at the "
-    "stop >= train.fit_accuracy; "
-    "(b) over-fitting has begun: over the same window the validation loss rises (b - t*SE > 0) while the "
-    "training loss falls (b + t*SE < 0); (c) the validation loss is not falling either (b + t*SE >= 0) and "
-    "the learning rate at the stop is at least train.plateau_min_lr_ratio of the run's peak rate. Any other "
-    "run is under-trained: still improving, or flat only because its rate was cut or annealed towards zero "
-    "while it neither fits nor over-fits."
-)
 
 
 class DivergenceError(RuntimeError):
@@ -81,6 +65,8 @@ class TrainResult:
     train_seconds: float = 0.0
     trainable_params: int = 0
     total_params: int = 0
+    # Forward + backward FLOPs of one training example (models.costs.TRAINING_COMPUTE_RULE), set by train_strategy.
+    train_flops: dict = field(default_factory=dict)
     images_seen: int = 0
     val_size: int = 0  # validation examples: the n of the binomial noise of `best_val_accuracy`
     # `assess_convergence`'s evidence and verdict, with {"stopped_by": "plateau" | "cap" | "budget", ...}

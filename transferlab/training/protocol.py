@@ -22,12 +22,13 @@ import torch
 
 from transferlab.core.device import as_device
 from transferlab.core.seeding import seed_everything
-from transferlab.models.costs import count_parameters
+from transferlab.models.costs import count_parameters, example_input, train_flops_per_image
 from transferlab.models.sources import SourceModel, load_source
 from transferlab.strategies import Strategy, StrategyConfig, get_strategy, strategy_config
 from transferlab.strategies.base import Teacher
 from transferlab.training.loop import DivergenceError, TrainResult, fit, image_batches, tensor_batches, training_failure
 from transferlab.training.recipe import TrainRecipe, build_recipe
+from transferlab.training.rules import LR_CHOICE_RULE
 
 __all__ = [
     "LR_CHOICE_RULE",
@@ -41,16 +42,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# How the learning rate is chosen, in the words the report quotes; `choose_rate` implements it.
-LR_CHOICE_RULE = (
-    "Each rate of the grid (train.lr_grid x the strategy's lr) trains for the search budget on the first seed. "
-    "Among the rates whose short run neither diverged nor failed, the best validation accuracy a* sets the "
-    "noise: one binomial standard error, sqrt(a* (1 - a*) / n), n the validation examples. Every rate within it "
-    "(validation accuracy >= a* - SE) is as good as the best; of those, the one nearest the configured rate in "
-    "log distance |ln(multiplier)| wins (then the higher accuracy, the lower validation loss). A winner on an "
-    "edge of the grid extends the grid by its own step."
-)
 
 # --- one run ---------------------------------------------------------------------------------------------
 
@@ -91,12 +82,17 @@ def train_strategy(
     state = strategy.start_run(source, cfg, teacher)
     model = strategy.build(source, num_classes, cfg, seed)
     trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
+    if strategy.uses_features:  # the head trains on the cached features
+        train_flops = train_flops_per_image(model.get_classifier(), torch.zeros(1, features["train"].shape[1]))
+    else:
+        train_flops = train_flops_per_image(model, example_input(model, int(images["train"].shape[1])))
     if strategy.uses_features:
         result = _fit_head(model, strategy, cfg, features, labels, recipe, generator, label, state)
     else:
         result = _fit_network(model, strategy, cfg, source, images, labels, recipe, generator, label, state)
     result.model = _hand_back(result.model, strategy, recipe, device, state)
     result.trainable_params, result.total_params = trainable, total
+    result.train_flops = train_flops
     return result
 
 

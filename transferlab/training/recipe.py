@@ -46,7 +46,7 @@ class TrainRecipe:
     warmup: bool = True  # a linear warm-up of the rate over the first `warmup_epochs` epochs' steps (from 10%)
     schedule: str = "plateau"  # plateau | cosine (SCHEDULES)
     warmup_epochs: int = 1  # epochs of the warm-up (cosine: at most half the budget)
-    # The convergence rule (transferlab.training.loop.CONVERGENCE_RULE): its trend window (None: patience, at
+    # The convergence rule (transferlab.training.rules.CONVERGENCE_RULE): its trend window (None: patience, at
     # least 3), the training accuracy from which a model fits, and the least rate (a fraction of the peak) at
     # which a flat curve of a model that neither fits nor over-fits counts as a plateau.
     convergence_window: int | None = None

@@ -58,18 +58,18 @@ class StrategyRun:
 
 
 def epoch_compute(
-    strategy: Strategy, flops_fwd: int, head_flops: int, n_train: int, n_cached: int
+    strategy: Strategy, flops_fwd: int, train_flops: int, n_train: int, n_cached: int
 ) -> Callable[[int], float]:
-    """Cumulative training compute in GFLOPs after epoch e: forward + backward ~ 3x the forward FLOPs per
-    training image seen.
+    """Cumulative training compute in GFLOPs after epoch e, by `rules.TRAINING_COMPUTE_RULE`: `train_flops`
+    (forward + backward of one training example, frozen parts forward only) per training image seen; a strategy
+    on the features cache also pays the backbone's forward pass (`flops_fwd`) once per cached image."""
+    once = flops_fwd * n_cached if strategy.uses_features else 0
+    return lambda e: (once + train_flops * n_train * e) / 1e9
 
-    Strategies on the features cache pay one forward pass of the backbone over the cached images, then
-    3x the head's FLOPs per image seen. Frozen layers need no weight gradients, so for partial fine-tuning
-    the 3x is an upper bound; the seconds in `perf/` are the measured cost.
-    """
-    if strategy.uses_features:
-        return lambda e: (flops_fwd * n_cached + 3 * head_flops * n_train * e) / 1e9
-    return lambda e: 3 * flops_fwd * n_train * e / 1e9
+
+def search_compute(lr_search: list[dict], train_flops: int, n_train: int) -> float:
+    """GFLOPs of the learning-rate search (each rate's run for its epochs), reported beside training compute."""
+    return round(sum(int(r.get("epochs", 0)) for r in lr_search) * train_flops * n_train / 1e9, 3)
 
 
 def train_stage(
@@ -103,8 +103,6 @@ def train_stage(
 
     image_size = int(data.images["train"].shape[1])
     flops_fwd = flops_per_image(source.model, image_size)
-    feature_dim = features["train"].shape[1] if features is not None else 0
-    head_flops = 2 * feature_dim * data.num_classes
     result = train_protocol(
         strategy,
         cfg,
@@ -134,7 +132,9 @@ def train_stage(
     n_train = len(data.labels["train"])
     n_cached = n_train + len(data.labels["val"])
     # Cumulative training compute after each epoch: the x axis of accuracy-against-compute.
-    per_epoch = epoch_compute(strategy, flops_fwd, head_flops, n_train, n_cached)
+    first = next(iter(result.runs.values()))
+    train_flops = int(first.train_flops["total"])
+    per_epoch = epoch_compute(strategy, flops_fwd, train_flops, n_train, n_cached)
     histories, per_seed, seconds = {}, {}, {}
     for seed, res in result.runs.items():
         history = pd.DataFrame(res.history)
@@ -154,7 +154,6 @@ def train_stage(
             "failure_reason": result.failures.get(seed),
         }
         seconds[str(seed)] = round(res.train_seconds, 3)
-    first = next(iter(result.runs.values()))
     vals = [r["best_val_accuracy"] for r in per_seed.values()]
     metrics = {
         "source": source_name,
@@ -168,6 +167,9 @@ def train_stage(
         "total_params": first.total_params,
         "trainable_fraction": round(first.trainable_params / first.total_params, 6),
         "flops_per_image": flops_fwd,
+        "train_flops_per_image": first.train_flops,
+        "lr_choice": {k: v for k, v in result.lr_choice.items() if k != "rule"},  # the rule: in the report
+        "lr_search_gflops": search_compute(result.lr_search, train_flops, n_train),
         "train_gflops_mean": round(float(np.mean([r["train_gflops"] for r in per_seed.values()])), 3),
         "best_val_accuracy_mean": round(float(np.mean(vals)), 6),
         "best_val_accuracy_std": round(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, 6),
