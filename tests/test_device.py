@@ -15,6 +15,7 @@ from transferlab.config import load_params
 from transferlab.core.device import (
     DeviceError,
     autocast_context,
+    NUMERICS_KEYS,
     device_info,
     device_tags,
     make_grad_scaler,
@@ -88,7 +89,10 @@ def test_amp_helpers_are_no_ops_on_the_cpu():
     assert not scaler.is_enabled()
     loss = torch.tensor(3.0, requires_grad=True)
     assert scaler.scale(loss) is loss
-    assert device_info(cpu) == {"device": "cpu"} and device_tags(cpu) == {"device": "cpu"}
+    info = device_info(cpu)
+    assert info["device"] == "cpu" and info["threads"] == torch.get_num_threads() and info["torch"] == torch.__version__
+    assert set(info) <= set(NUMERICS_KEYS) and info["cpu_model"]
+    assert device_tags(cpu)["device"] == "cpu" and device_tags(cpu)["device.threads"] == str(torch.get_num_threads())
 
 
 def test_amp_on_cuda_picks_bf16_or_fp16_with_a_scaler(monkeypatch):

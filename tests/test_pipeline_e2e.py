@@ -72,6 +72,38 @@ def test_repro_writes_every_output(repo):
     assert "<table>" in html and "Protocol" in html and "equal compute" in html
 
 
+def test_two_checkouts_in_other_folders_write_identical_outputs(repo, tmp_path_factory):
+    """Nothing an output records depends on where the checkout lives (an absolute venv path in a features
+    cache's source.json once made every clone rewrite dvc.lock): the tiny project built and reproduced in a
+    second folder, at another depth, gives every output byte for byte and the same dvc.lock (same machine, so
+    the same floating point). Timings (perf/) and the MLflow database are the only files allowed to differ."""
+    import hashlib
+
+    other = build(tmp_path_factory.mktemp("elsewhere") / "two" / "levels" / "down")
+    _sh(sys.executable, "-m", "dvc", "repro", cwd=other)
+
+    def digests(root: Path) -> dict[str, str]:
+        return {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for top in ("data", "models", "metrics", "predictions", "plots", "reports")
+            for p in sorted((root / top).rglob("*"))
+            if p.is_file() and not p.name.startswith(".")
+        }
+
+    a, b = digests(repo), digests(other)
+    assert len(a) > 50
+    assert sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)) == []
+
+
+    def lock_without_timings(root: Path) -> dict:
+        lock = yaml.safe_load((root / "dvc.lock").read_text())
+        for stage in lock["stages"].values():
+            stage["outs"] = [o for o in stage.get("outs", []) if not o["path"].startswith("perf/")]
+        return lock
+
+    assert lock_without_timings(repo) == lock_without_timings(other)
+
+
 def test_the_report_renders_in_a_browser(repo, tmp_path):
     """Every figure of the real report (gain, compute, agreement, learning curves, the confusion of scratch and
     of the recommended model when that is another trained model) decodes in headless Chromium, with no console

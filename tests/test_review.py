@@ -39,9 +39,27 @@ def predictions(y: np.ndarray, accuracy: float, seed: int) -> pd.DataFrame:
     return pd.concat(rows)
 
 
-def write_revision(repo: Path, preds: dict[str, pd.DataFrame], params: dict, *, cache: bool = True) -> None:
-    """Write predictions (+ cache objects), metrics files and a dvc.lock recording their md5s."""
+FINGERPRINT = {"device": "cpu", "cpu_model": "AMD EPYC 7B13", "machine": "x86_64", "torch": "2.5.1", "threads": 2}
+
+
+def write_revision(
+    repo: Path, preds: dict[str, pd.DataFrame], params: dict, *, cache: bool = True, fingerprint: dict | None = None
+) -> None:
+    """Write predictions (+ cache objects), metrics files and a dvc.lock recording their md5s; with a numerics
+    `fingerprint`, a train@lora stage whose perf/train/lora.json records it (DVC-cached, as the pipeline's)."""
     stages = {}
+    if fingerprint is not None:
+        perf = repo / "perf" / "train" / "lora.json"
+        perf.parent.mkdir(parents=True, exist_ok=True)
+        perf.write_text(json.dumps({"train_seconds_total": 1.0, **fingerprint}))
+        md5 = rv.file_md5(perf)
+        obj = repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        obj.write_bytes(perf.read_bytes())
+        stages["train@lora"] = {
+            "cmd": "python -m stages.train --strategy lora",
+            "outs": [{"path": "perf/train/lora.json", "hash": "md5", "md5": md5}],
+        }
     for name, df in preds.items():
         p = repo / "predictions" / f"{name}.csv"
         p.parent.mkdir(exist_ok=True)
@@ -74,7 +92,7 @@ def prs(tmp_path_factory) -> Path:
     git(repo, "init", "-q", "-b", "main")
     git(repo, "config", "user.email", "t@example.com")
     git(repo, "config", "user.name", "t")
-    (repo / ".gitignore").write_text("/predictions/\n/.dvc/cache/\n")
+    (repo / ".gitignore").write_text("/predictions/\n/.dvc/cache/\n/perf/\n")
     (repo / "dvc.yaml").write_text("metrics:\n  - metrics/eval\nstages: {}\n")
     (repo / "stages").mkdir()
     (repo / "stages" / "evaluate.py").write_text("# evaluate\n")
@@ -82,26 +100,26 @@ def prs(tmp_path_factory) -> Path:
     base_params = {"seed": 42, "strategies": {"scratch": {"lr": 0.003}, "lora": {"rank": 8, "lr": 0.003}}}
     scratch = predictions(y, 0.6, seed=1)
     base_lora = predictions(y, 0.80, seed=2)
-    write_revision(repo, {"scratch": scratch, "lora": base_lora}, base_params)
+    write_revision(repo, {"scratch": scratch, "lora": base_lora}, base_params, fingerprint=FINGERPRINT)
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "base")
 
-    def branch(name: str, lora: pd.DataFrame, rank: int) -> None:
+    def branch(name: str, lora: pd.DataFrame, rank: int, fingerprint: dict | None = None) -> None:
         git(repo, "checkout", "-q", "-b", name, "main")
         params = json.loads(json.dumps(base_params))
         params["strategies"]["lora"]["rank"] = rank
-        write_revision(repo, {"scratch": scratch, "lora": lora}, params)
+        write_revision(repo, {"scratch": scratch, "lora": lora}, params, fingerprint=fingerprint)
         git(repo, "add", "-A")
         git(repo, "commit", "-q", "-m", name)
 
-    branch("improves", predictions(y, 0.86, seed=3), rank=16)
+    branch("improves", predictions(y, 0.86, seed=3), rank=16, fingerprint=FINGERPRINT)
     branch("regresses", predictions(y, 0.72, seed=4), rank=2)
     # Noise: 2% of lora's predictions redrawn, as a rerun with another nondeterministic kernel might.
     noisy = base_lora.copy()
     rng = np.random.default_rng(5)
     idx = rng.choice(len(noisy), int(0.02 * len(noisy)), replace=False)
     noisy.iloc[idx, noisy.columns.get_loc("y_pred")] = rng.integers(0, CLASSES, len(idx))
-    branch("noise", noisy, rank=8)
+    branch("noise", noisy, rank=8, fingerprint={**FINGERPRINT, "cpu_model": "Intel Xeon Platinum 8481C"})
     return repo
 
 
@@ -175,3 +193,16 @@ def test_usage_errors_exit_2(prs, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["review", "--confidence"])
     assert exc.value.code == 2
+
+
+def test_review_says_which_reproducibility_case_it_is_in(prs):
+    """Same numerics fingerprint: bit-identical; another CPU model: only statistically the same, and the
+    review names what differs; a side without one: unknown. The markdown carries the case."""
+    same = review(prs, base="main", rev="improves", n_bootstrap=200)
+    assert same.numerics["case"] == "bit-identical"
+    other = review(prs, base="main", rev="noise", n_bootstrap=200)
+    assert other.numerics["case"] == "statistical"
+    assert "cpu_model: AMD EPYC 7B13 vs Intel Xeon Platinum 8481C" in other.numerics["words"]
+    assert "Reproducibility: statistical" in to_markdown(other)
+    none = review(prs, base="main", rev="regresses", n_bootstrap=200)
+    assert none.numerics["case"] == "unknown" and "this revision" in none.numerics["words"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transferlab.params import DEVICE_CHOICES, DEVICE_PATTERN
@@ -112,11 +113,39 @@ def make_grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.Gr
     return torch.amp.GradScaler("cuda" if active else "cpu", enabled=active)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else `platform.processor()`), or 'unknown'."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# What decides a run's floating point, beside the inputs: equal fingerprints promise bit-identical outputs,
+# different ones only statistically equal outputs (README "Reproducibility"; `provenance.review` says which).
+NUMERICS_KEYS = ("device", "gpu_name", "cpu_model", "machine", "torch", "threads", "mkldnn")
+
+
 def device_info(device: torch.device) -> dict[str, Any]:
-    """What a run used, for `perf/` JSON and MLflow tags (never for metrics/: they stay device-free)."""
+    """What a run used, for `perf/` JSON and MLflow tags (never for metrics/: they stay device-free): the device
+    and the numerics fingerprint (`NUMERICS_KEYS`: CPU model, architecture, torch version, threads, oneDNN)."""
+    import platform
+
     import torch
 
-    info: dict[str, Any] = {"device": str(device)}
+    info: dict[str, Any] = {
+        "device": str(device),
+        "cpu_model": cpu_model(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "mkldnn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
+    }
     if device.type == "cuda":
         dtype = amp_dtype(device)
         info["gpu_name"] = torch.cuda.get_device_name(device)

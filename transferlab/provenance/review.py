@@ -91,6 +91,9 @@ class Review:
     strategies_added: list[str] = field(default_factory=list)
     strategies_removed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Which reproducibility case the two sides are in (`numerics_case`): 'bit-identical', 'statistical' or
+    # 'unknown', with each side's numerics fingerprint (core.device.NUMERICS_KEYS, from perf/train/).
+    numerics: dict[str, Any] = field(default_factory=dict)
 
     def regressions(self) -> list[tuple[str, str]]:
         """(strategy, metric) pairs whose drop is beyond noise."""
@@ -209,6 +212,8 @@ def review(
                 StageChange(name, "rerun, outputs changed" if changed else "rerun, outputs identical", changed)
             )
 
+    out.numerics = numerics_case(_fingerprint(root, base, lock_a), _fingerprint(root, rev, lock_b))
+
     names_a, names_b = _strategy_names(root, base, lock_a), _strategy_names(root, rev, lock_b)
     out.strategies_added = sorted(names_b - names_a)
     out.strategies_removed = sorted(names_a - names_b)
@@ -220,6 +225,53 @@ def review(
             _strategy_diff(root, base, rev, name, preds_a.get(name), preds_b.get(name), n_bootstrap, confidence, seed)
         )
     return out
+
+
+NUMERICS_WORDS = {
+    "bit-identical": (
+        "Both sides were computed with the same numerics (CPU model, architecture, torch, threads, oneDNN): "
+        "a stage whose inputs did not change gives byte-identical outputs, so every change below comes from "
+        "the revision."
+    ),
+    "statistical": (
+        "The two sides were computed with different numerics ({diff}): outputs are only statistically the "
+        "same (floating point differs between machines and a training run amplifies it like another seed); "
+        "a change inside its interval is expected even without a code change, read the intervals, not the "
+        "digits."
+    ),
+    "unknown": (
+        "No numerics fingerprint on {side} (perf/train/ missing, or written before fingerprints were "
+        "recorded): whether unchanged stages would be byte-identical cannot be said."
+    ),
+}
+
+
+def _fingerprint(root: Path, rev: str | None, lock: dict[str, rv.LockedStage]) -> dict[str, Any] | None:
+    """The numerics fingerprint a revision's train@ stages recorded in perf/train/<name>.json, or None."""
+    from transferlab.core.device import NUMERICS_KEYS
+
+    for path in sorted(p for st in lock.values() for p in st.outs if p.startswith("perf/train/")):
+        data, _ = rv.fetch_output(root, rev, path)
+        if data is None:
+            continue
+        info = _load_structured(data.decode(), path)
+        if "cpu_model" in info:
+            return {k: info.get(k) for k in NUMERICS_KEYS if k in info}
+    return None
+
+
+def numerics_case(base: dict[str, Any] | None, rev: dict[str, Any] | None) -> dict[str, Any]:
+    """Which reproducibility case a review is in: 'bit-identical' (equal fingerprints), 'statistical'
+    (different) or 'unknown' (a side has none), with the words the review prints."""
+    if base is None or rev is None:
+        side = "either side" if base is None and rev is None else ("the base" if base is None else "this revision")
+        return {"case": "unknown", "base": base, "rev": rev, "words": NUMERICS_WORDS["unknown"].format(side=side)}
+    if base == rev:
+        return {"case": "bit-identical", "base": base, "rev": rev, "words": NUMERICS_WORDS["bit-identical"]}
+    diff = "; ".join(
+        f"{k}: {base.get(k)} vs {rev.get(k)}" for k in sorted(set(base) | set(rev)) if base.get(k) != rev.get(k)
+    )
+    return {"case": "statistical", "base": base, "rev": rev, "words": NUMERICS_WORDS["statistical"].format(diff=diff)}
 
 
 def _fallback(root: Path, base: str, rev: str | None, name: str) -> dict[str, tuple[Any, Any]]:
@@ -313,6 +365,8 @@ def to_markdown(r: Review) -> str:
         + "."
     )
     regs = r.regressions()
+    if r.numerics:
+        lines += ["", f"**Reproducibility: {r.numerics['case']}.** {r.numerics['words']}"]
     lines.append("")
     if regs:
         lines.append("**Regression beyond noise:** " + ", ".join(f"{s} {m}" for s, m in regs))
@@ -370,6 +424,8 @@ def to_text(r: Review) -> str:
     """The review for a terminal: the calls first, then the counts."""
     pct = round(r.confidence * 100)
     out = [f"review of {r.rev} ({r.rev_commit[:10]}) against {r.base} ({r.base_commit[:10]})", ""]
+    if r.numerics:
+        out += [f"reproducibility: {r.numerics['case']}. {r.numerics['words']}", ""]
     for s in r.strategies:
         for m in GAIN_METRICS:
             g = s.gains.get(m)
