@@ -1,5 +1,8 @@
-"""Stage `diagnose`: what went wrong in the transfer, measured, each finding with a severity and a remedy;
-the remedies of flagged findings are run and verified before/after with confidence intervals.
+"""Stage `diagnose`: what went wrong in the transfer, measured on every training seed, each finding graded with
+an interval (ok / undetermined / flagged) and a remedy; the remedies of flagged findings re-measure the flagged
+quantity under the pipeline's protocol and are re-graded (comparisons of existing models are evidence).
+Negative transfer is read from compare's summary, so the report and the diagnosis agree; random-init sources
+are controls, listed apart.
 
 A thin loop over the check registry (`transferlab.diagnosis.checks`): failed training, negative transfer,
 catastrophic forgetting (by proxy, and exact on the in-pipeline source), domain shift, resolution,
@@ -23,6 +26,7 @@ def main() -> None:
     p.add_argument("--predictions", required=True, help="folder of predictions/<name>.csv and agreement.csv")
     p.add_argument("--history", required=True, help="folder of plots/history/<strategy>/seed_<s>.csv")
     p.add_argument("--train-metrics", default=None, help="folder of metrics/train/<strategy>.json")
+    p.add_argument("--summary", default=None, help="compare's metrics/summary.json (the negative-transfer grades)")
     p.add_argument("--metrics", required=True)
     p.add_argument("--report", required=True)
     args = p.parse_args()
@@ -47,7 +51,12 @@ def main() -> None:
         "strategies": params.strategies,
         "sources": {k: v.model_dump() for k, v in params.sources.items()},
         "pretrain": params.pretrain,
-        "compare": {"baseline": params.compare.baseline, "confidence": params.compare.confidence},
+        "compare": {
+            "baseline": params.compare.baseline,
+            "confidence": params.compare.confidence,
+            "n_bootstrap": params.compare.n_bootstrap,
+        },
+        "data": {"dataset": params.data.dataset, "path": params.data.path},
     }
     ctx = load_context(
         params,
@@ -59,16 +68,19 @@ def main() -> None:
         predictions_dir=args.predictions,
         history_dir=args.history,
         train_metrics_dir=args.train_metrics,
+        summary=args.summary,
     )
     ctx.device = resolve_device(params.train.device)  # remedy training and forward passes run there
     with stage_run(params.tracking, "diagnose", read, tags=device_tags(ctx.device)):
         import mlflow
 
         findings, run_log = run_checks(ctx)
-        summary = {**summarize(findings), **run_log}
-        write_json(args.metrics, {"summary": summary, "findings": findings})
-        write_text(args.report, to_markdown(findings, summary))
-        mlflow.log_metrics({f"{k}.flagged": v["flagged"] for k, v in summary["by_type"].items()})
+        summary = {**summarize(findings, ctx.controls), **run_log}
+        write_json(args.metrics, {"summary": summary, "findings": findings, "controls": ctx.controls})
+        write_text(args.report, to_markdown(findings, summary, ctx.controls))
+        mlflow.log_metrics(
+            {f"{k}.{s}": v[s] for k, v in summary["by_type"].items() for s in ("flagged", "undetermined")}
+        )
         mlflow.log_artifact(args.report)
 
 

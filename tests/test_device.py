@@ -13,9 +13,9 @@ import yaml
 
 from transferlab.config import load_params
 from transferlab.core.device import (
+    NUMERICS_KEYS,
     DeviceError,
     autocast_context,
-    NUMERICS_KEYS,
     device_info,
     device_tags,
     make_grad_scaler,

@@ -188,7 +188,7 @@ def test_every_caller_trains_with_the_same_recipe(project, monkeypatch):
         train_metrics_dir=None,
         sample_ids=np.arange(len(data.labels["test"])),
         y=data.labels["test"],
-        preds={},
+        preds_by_seed={},
         device=torch.device("cpu"),
     )
     monkeypatch.setattr(protocol, "train_strategy", _capture(recipes, "diagnosis remedy"))
@@ -224,7 +224,7 @@ def test_the_documented_overrides_change_the_epochs_only():
     assert short == dataclasses.replace(build_recipe(params.train, probe), epochs=1)
     nothing = dict.fromkeys(("data", "selected_spec", "features_dir", "pretrained_dir", "models_dir", "history_dir"))
     nothing |= dict.fromkeys(("train_metrics_dir", "sample_ids", "y"))
-    ctx = DiagnosisContext(params=params, selected="tiny", preds={}, **nothing)
+    ctx = DiagnosisContext(params=params, selected="tiny", preds_by_seed={}, **nothing)
     assert ctx.recipe("finetune_full", ft).epochs == 3  # diagnose.remedy_epochs caps it
     assert build_recipe(params.train, ft, max_epochs=9).epochs == 7  # a cap above changes nothing
     remedy = ctx.recipe("finetune_full", ft)

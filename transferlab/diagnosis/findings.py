@@ -1,15 +1,21 @@
-"""Findings: what went wrong in a transfer, measured, each with its evidence, a severity and a remedy.
+"""Findings: what went wrong in a transfer, measured on every training seed, graded with an interval, each with
+its evidence, a status, a severity and a remedy.
 
-One function per problem turns measurements (from `measures`) into findings:
-negative transfer, catastrophic forgetting (exact for in-pipeline sources, by proxy for ImageNet ones),
-domain shift, learning-rate sensitivity, over-fitting and failed training. The checks in
-`transferlab.diagnosis.checks` call them, run the remedies and attach their before/after numbers with
-`remedy_result`; `reporting.diagnosis_md.to_markdown` writes the report.
+A grade compares a measured quantity and its interval with a threshold (`grade`): "flagged" when the whole
+interval is on the problem's side, "ok" when it is wholly on the other side, "undetermined" when it straddles
+the threshold (never ok, never a warning). One function per problem turns measurements (from `measures`) into
+findings: negative transfer (read from the comparison's summary, so the report and the diagnosis cannot
+disagree), catastrophic forgetting (exact for in-pipeline sources, by proxy for ImageNet ones), domain shift,
+learning-rate sensitivity, over-fitting and failed training. A remedy re-measures the flagged quantity under the
+pipeline's protocol and is re-graded against the same threshold (`remedy_verdict`); comparing two models that
+already exist is `evidence`, not a remedy (`remedy_result(kind="evidence")`). The checks in
+`transferlab.diagnosis.checks` call them; `reporting.diagnosis_md.to_markdown` writes the report.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import numpy as np
@@ -18,7 +24,7 @@ from torch import nn
 
 from transferlab.core.device import as_device
 from transferlab.diagnosis.measures import (
-    bn_statistics_gap,
+    bn_gap_interval,
     linear_cka,
     mmd_permutation_test,
     prediction_agreement,
@@ -31,7 +37,11 @@ from transferlab.models.inference import to_input
 from transferlab.models.sources import block_groups
 from transferlab.training.loop import training_failure
 
-SEVERITIES = ("ok", "info", "warning", "critical")
+STATUSES = ("ok", "undetermined", "flagged")
+# Worst last: `summarize` reports the worst; "undetermined" ranks above ok and below a flagged warning.
+SEVERITIES = ("ok", "info", "undetermined", "warning", "critical")
+OUTCOMES = ("resolved", "improved", "no clear effect", "trade-off", "worse")
+REMEDY_KINDS = ("remedy", "evidence")
 # The report's order of finding types; a type not listed here goes after them, alphabetically.
 REPORT_ORDER = (
     "training_failed",
@@ -45,14 +55,90 @@ REPORT_ORDER = (
 NOT_MEASURABLE = "not measurable offline"
 
 
-def finding(kind: str, subject: str, flagged: bool, severity: str, evidence: dict, remedy: str) -> dict:
-    """A finding as written to metrics/diagnosis.json."""
+def _r(v: Any) -> Any:
+    return round(float(v), 6) if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else v
+
+
+def grade(value: float, ci_low: float | None, ci_high: float | None, threshold: float, direction: str) -> str:
+    """Grade a measured quantity against its threshold, with its interval.
+
+    Args:
+        value: the estimate; ci_low, ci_high: its interval (None: an exact quantity, graded on `value`).
+        threshold: the boundary.
+        direction: "above" when the problem is a value above the threshold (a gap, a drop), "below" when it is
+            a value below it (an agreement, a gain).
+
+    Returns:
+        "flagged" (the whole interval on the problem's side), "ok" (wholly on the other side) or
+        "undetermined" (the interval straddles or touches the threshold).
+
+    Raises:
+        ValueError: an unknown direction.
+    """
+    if direction not in ("above", "below"):
+        raise ValueError(f"direction must be 'above' or 'below', got {direction!r}")
+    lo, hi = (value, value) if ci_low is None or ci_high is None else (ci_low, ci_high)
+    if direction == "above":
+        return "flagged" if lo > threshold else "ok" if hi < threshold else "undetermined"
+    return "flagged" if hi < threshold else "ok" if lo > threshold else "undetermined"
+
+
+def graded(
+    value: float,
+    ci_low: float | None,
+    ci_high: float | None,
+    threshold: float,
+    direction: str,
+    *,
+    quantity: str,
+    interval: str,
+    confidence: float | None = None,
+) -> dict:
+    """A quantity as a finding carries it: value, interval, threshold, direction, how the interval was made,
+    and its `grade` under `status`."""
+    return {
+        "quantity": quantity,
+        "value": _r(value),
+        "ci_low": _r(ci_low) if ci_low is not None else None,
+        "ci_high": _r(ci_high) if ci_high is not None else None,
+        "confidence": confidence,
+        "interval": interval,
+        "threshold": threshold,
+        "direction": direction,
+        "status": grade(value, ci_low, ci_high, threshold, direction),
+    }
+
+
+def finding(
+    kind: str,
+    subject: str,
+    flagged: bool | str,
+    severity: str,
+    evidence: dict,
+    remedy: str,
+    *,
+    measured: dict | None = None,
+) -> dict:
+    """A finding as written to metrics/diagnosis.json.
+
+    Args:
+        flagged: a status of `STATUSES` ("undetermined": an interval that straddles the threshold), or a bool
+            for a rule without an interval (True: "flagged").
+        severity: the severity when flagged (a finding that is ok or undetermined carries that word instead).
+        measured: the graded quantity (`graded`); when given, its status is the finding's.
+    """
     assert severity in SEVERITIES, severity
+    status = flagged if isinstance(flagged, str) else ("flagged" if flagged else "ok")
+    if measured is not None:
+        status = measured["status"]
+    assert status in STATUSES, status
     return {
         "type": kind,
         "subject": subject,
-        "flagged": bool(flagged),
-        "severity": severity if flagged else "ok",
+        "status": status,
+        "flagged": status == "flagged",
+        "severity": severity if status == "flagged" else status,
+        "measured": measured,
         "evidence": evidence,
         "remedy": remedy,
         "remedy_result": None,
@@ -60,44 +146,157 @@ def finding(kind: str, subject: str, flagged: bool, severity: str, evidence: dic
 
 
 def _gain(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_bootstrap: int, seed: int, confidence: float = 0.95) -> dict:
-    """Accuracy gain of `a` over `b` with its paired bootstrap interval, rounded (the project's one bootstrap)."""
+    """Accuracy gain of `a` over `b` ((n,) or (k_seeds, n) rows) with the project's one bootstrap (seed_t: test
+    samples and training seeds), rounded. With compare's n_bootstrap, confidence and seed it is compare's number."""
     g = paired_bootstrap_gain(y, a, b, metric="accuracy", n_bootstrap=n_bootstrap, seed=seed, confidence=confidence)
     return {k: round(float(g[k]), 6) for k in ("gain", "ci_low", "ci_high")}
 
 
-def remedy_outcome(
+def level(y: np.ndarray, rows: np.ndarray, n_bootstrap: int, seed: int, confidence: float = 0.95) -> dict:
+    """An accuracy (or an agreement: `y` = the reference's predictions) over all seeds' rows, with its interval.
+
+    The project's one bootstrap, as the gain over a predictor that is never right (its accuracy is exactly 0):
+    the same test-sample draws and Student-t seed term as every gain. Returns {value, ci_low, ci_high}."""
+    y = np.asarray(y)
+    never = np.full_like(y, int(y.min()) - 1)
+    g = _gain(y, rows, never, n_bootstrap, seed, confidence)
+    return {"value": g["gain"], "ci_low": g["ci_low"], "ci_high": g["ci_high"]}
+
+
+def accuracy_change(
     y: np.ndarray,
     before: np.ndarray,
     after: np.ndarray,
     n_bootstrap: int,
     seed: int,
-    what: str,
-    metric: str = "target test accuracy",
     confidence: float = 0.95,
+    *,
+    what: str = "target test accuracy",
 ) -> dict:
-    """Before/after accuracy of a remedy on the same samples, with the paired bootstrap CI of the change.
+    """Accuracy before and after (mean over seeds' rows) and the paired change with its interval."""
+    b, a = np.atleast_2d(before), np.atleast_2d(after)
+    return {
+        "metric": what,
+        "before": round(float((b == y).mean()), 6),
+        "after": round(float((a == y).mean()), 6),
+        "change": _gain(y, a, b, n_bootstrap, seed, confidence),
+        "seeds_before": int(len(b)),
+        "seeds_after": int(len(a)),
+    }
+
+
+def difference(before: dict, after: dict) -> dict:
+    """after - before of two independently measured graded quantities, with a normal-approximation interval
+    (half-widths combined in quadrature): for quantities whose measurements share no samples to pair on."""
+    d = after["value"] - before["value"]
+    if before.get("ci_low") is None or after.get("ci_low") is None:
+        return {"gain": _r(d), "ci_low": None, "ci_high": None, "interval": "none (exact quantities)"}
+    hb = (before["ci_high"] - before["ci_low"]) / 2
+    ha = (after["ci_high"] - after["ci_low"]) / 2
+    h = math.hypot(hb, ha)
+    return {"gain": _r(d), "ci_low": _r(d - h), "ci_high": _r(d + h), "interval": "half-widths in quadrature"}
+
+
+def remedy_verdict(before: dict, after: dict, change: dict, target: dict | None) -> str:
+    """The outcome of a remedy: the flagged quantity re-measured and re-graded against the same threshold.
 
     Args:
-        y, before, after: labels and the two predictions, aligned on the same samples.
-        n_bootstrap, seed, confidence: the paired bootstrap (params `diagnose.n_bootstrap`, `seed`,
-            `compare.confidence`).
-        what: the remedy run, in words; metric: what the accuracy is measured on.
+        before, after: the quantity as `graded` before and after (same threshold and direction).
+        change: after - before of the quantity, {gain, ci_low, ci_high} (ci None: exact).
+        target: `accuracy_change` of the target accuracy, or None when it was not measured.
 
     Returns:
-        `{remedy_run, metric, confidence, before, after, change: {gain, ci_low, ci_high}, verdict}`; the
-        verdict is "helped" / "hurt" only when the whole interval is on one side of zero.
+        "worse" (the quantity worse beyond noise, or unchanged while the target accuracy falls beyond noise),
+        "trade-off" (better beyond noise, target accuracy down beyond noise), "resolved" (better, and graded
+        ok now), "improved" (better beyond noise, still flagged or undetermined) or "no clear effect".
     """
-    g = _gain(y, after, before, n_bootstrap, seed, confidence)
-    verdict = "helped" if g["ci_low"] > 0 else "hurt" if g["ci_high"] < 0 else "no clear effect"
+    lo, hi = (change["gain"], change["gain"]) if change.get("ci_low") is None else (change["ci_low"], change["ci_high"])
+    better_when_lower = before["direction"] == "above"
+    better = (hi < 0) if better_when_lower else (lo > 0)
+    worse = (lo > 0) if better_when_lower else (hi < 0)
+    # Two grades on opposite sides of the threshold are apart beyond noise by construction.
+    better = better or (before["status"] == "flagged" and after["status"] == "ok")
+    target_falls = target is not None and target["change"]["ci_high"] < 0
+    if worse:
+        return "worse"
+    if better and target_falls:
+        return "trade-off"
+    if better:
+        return "resolved" if after["status"] == "ok" else "improved"
+    return "worse" if target_falls else "no clear effect"
+
+
+def remedy_result(
+    kind: str,
+    run: str,
+    *,
+    before: dict | None,
+    after: dict | None,
+    change: dict | None,
+    target: dict | None,
+    note: str | None = None,
+) -> dict:
+    """What a remedy (kind "remedy": a new run that re-measures the flagged quantity) or a piece of evidence
+    (kind "evidence": two models that already exist, compared) found.
+
+    Returns:
+        {kind, run, before, after, change (of the quantity), target_accuracy, outcome, note}: the outcome is
+        `remedy_verdict`'s, None when the quantity was not re-measured.
+    """
+    assert kind in REMEDY_KINDS, kind
+    outcome = remedy_verdict(before, after, change, target) if before and after and change else None
     return {
-        "remedy_run": what,
-        "metric": metric,
-        "confidence": confidence,
-        "before": round(float((before == y).mean()), 6),
-        "after": round(float((after == y).mean()), 6),
-        "change": g,
-        "verdict": verdict,
+        "kind": kind,
+        "run": run,
+        "before": before,
+        "after": after,
+        "change": change,
+        "target_accuracy": target,
+        "outcome": outcome,
+        "note": note,
     }
+
+
+NEGATIVE_TRANSFER_REMEDY = (
+    "Use a closer or better-ranked source (see metrics/score.json), or feature extraction "
+    "(linear_probe) instead of updating the backbone; check the learning rate."
+)
+
+
+def _comparison_status(g: dict, untrusted: str | None = None) -> str:
+    """A gain graded against zero (direction "below": negative transfer is a gain below 0); a comparison whose
+    training cannot be trusted is undetermined, as the summary gives it no verdict."""
+    return "undetermined" if untrusted else grade(g["gain"], g["ci_low"], g["ci_high"], 0.0, "below")
+
+
+def _negative_transfer_finding(name: str, gains: dict[str, dict], critical: str, confidence: float, **extra) -> dict:
+    """One finding from a model's gains over its references: flagged when a whole interval is below zero
+    (critical below `critical`, the same architecture from scratch; a warning below the other reference only),
+    undetermined when none is below and one straddles zero, ok when all are above."""
+    below = [ref for ref, g in gains.items() if g["status"] == "flagged"]
+    open_ = [ref for ref, g in gains.items() if g["status"] == "undetermined"]
+    decisive = (below or open_ or list(gains))[0]
+    g = gains[decisive]
+    measured = graded(
+        g["gain"],
+        g["ci_low"],
+        g["ci_high"],
+        0.0,
+        "below",
+        quantity=f"test accuracy gain vs {decisive}",
+        interval="paired bootstrap over test samples + Student-t seed term (seed_t), every seed",
+        confidence=confidence,
+    )
+    measured["status"] = "flagged" if below else "undetermined" if open_ else "ok"
+    return finding(
+        "negative_transfer",
+        name,
+        measured["status"],
+        "critical" if critical in below else "warning",
+        {"gain_vs": gains, "below": below, "straddling_zero": open_, "confidence": confidence, **extra},
+        NEGATIVE_TRANSFER_REMEDY,
+        measured=measured,
+    )
 
 
 def negative_transfer(
@@ -108,53 +307,137 @@ def negative_transfer(
     n_bootstrap: int,
     seed: int,
     confidence: float = 0.95,
+    critical: str = "scratch",
 ) -> list[dict]:
-    """Flag every model whose whole CI of the gain over a reference (scratch, raw pixels) lies below zero.
+    """Every model's accuracy gain over each reference (all seeds' rows, the project's one bootstrap, graded
+    against zero): below `critical` (the architecture from scratch) is negative transfer proper (critical);
+    below the other reference only, the pre-trained features do not earn their cost (warning).
 
-    Below scratch (same architecture, no pre-training) is negative transfer proper: critical. Below the
-    raw-pixel linear model only: the pre-trained features do not earn their cost (warning).
+    Args:
+        y: (n,) test labels; preds, references: name -> (n,) or (k_seeds, n) predictions on the same samples.
+        n_bootstrap, seed, confidence: compare's (`compare.n_bootstrap`, `seed`, `compare.confidence`), so that a
+            gain is the number metrics/summary.json holds for the same pair.
     """
     out = []
     for name in sorted(preds):
-        gains = {
-            ref: _gain(y, preds[name], rp, n_bootstrap, seed, confidence)
-            for ref, rp in references.items()
-            if ref != name
-        }
-        below = [ref for ref, g in gains.items() if g["ci_high"] < 0]
-        severity = "critical" if "scratch" in below else "warning"
-        remedy = (
-            "Use a closer or better-ranked source (see metrics/score.json), or feature extraction "
-            "(linear_probe) instead of updating the backbone; check the learning rate."
-        )
-        out.append(
-            finding(
-                "negative_transfer",
-                name,
-                bool(below),
-                severity,
-                {"gain_vs": gains, "below": below, "confidence": confidence},
-                remedy,
-            )
-        )
+        gains = {}
+        for ref, rp in references.items():
+            if ref != name:
+                g = _gain(y, preds[name], rp, n_bootstrap, seed, confidence)
+                gains[ref] = {**g, "status": _comparison_status(g)}
+        out.append(_negative_transfer_finding(name, gains, critical, confidence))
     return out
 
 
-def overfitting(histories: dict[str, list[dict]], threshold: float) -> list[dict]:
-    """Flag a train/validation accuracy gap above `threshold` at the best-validation epoch."""
+def negative_transfer_from_summary(summary: dict, *, exclude: tuple[str, ...] = ()) -> list[dict]:
+    """Negative transfer of every strategy, read from the comparison's summary (metrics/summary.json): its gain
+    vs `summary['baseline']` (scratch) and vs the best model without transfer, with their intervals and its
+    verdicts. The report shows the same rows, so the two cannot disagree about a model.
+
+    Args:
+        summary: compare's summary; exclude: names that are references, not findings (scratch, the classical
+            baseline).
+    """
+    base = summary["baseline"]
+    ref = (summary.get("best_non_transfer") or {}).get("name")
+    conf = summary.get("confidence", 0.95)
+    out = []
+    for name in sorted(summary["strategies"]):
+        row = summary["strategies"][name]
+        if name in exclude or name in (base, ref):
+            continue
+        gains = {}
+        for other, block, verdict in (
+            (base, row.get(f"gain_vs_{base}"), row.get("verdict")),
+            (ref, row.get("gain_vs_best_non_transfer"), (row.get("gain_vs_best_non_transfer") or {}).get("verdict")),
+        ):
+            if other is None or block is None or other in gains:
+                continue
+            g = {k: block["accuracy"][k] for k in ("gain", "ci_low", "ci_high")}
+            untrusted = verdict if isinstance(verdict, str) and verdict.startswith("inconclusive (") else None
+            gains[other] = {**g, "verdict": verdict, "status": _comparison_status(g, untrusted)}
+        if gains:
+            out.append(_negative_transfer_finding(name, gains, base, conf, source="metrics/summary.json"))
+    return out
+
+
+def overfitting_gap(
+    histories: dict[int, list[dict]], *, n_train: int, n_val: int, confidence: float = 0.95
+) -> dict[str, Any]:
+    """Train minus validation accuracy at each seed's best epoch (`training.rules.best_row`, the checkpoint kept),
+    averaged over seeds, with its interval.
+
+    The interval combines, in quadrature, the seed-to-seed spread (Student-t over the seeds' gaps, k-1 df; none
+    with one seed) and the sampling noise of the two accuracies (binomial standard errors of the validation
+    and training sets' sizes at the measured accuracies; the validation set is the same for every seed, so its
+    noise does not average out over seeds). The recorded train accuracy is the epoch's running accuracy.
+
+    Returns:
+        {value, ci_low, ci_high, per_seed: {seed: {best_epoch, train_accuracy, val_accuracy, gap}}, seeds}.
+    """
+    from scipy.stats import norm, t
+
+    per_seed = {}
+    for s, hist in sorted(histories.items()):
+        g = train_val_gap(hist)
+        row = hist[g["best_epoch"]]
+        per_seed[int(s)] = {
+            "best_epoch": int(row.get("epoch", g["best_epoch"] + 1)),
+            "train_accuracy": round(float(row["train_accuracy"]), 6),
+            "val_accuracy": round(float(row["val_accuracy"]), 6),
+            "gap": round(g["accuracy_gap_at_best"], 6),
+        }
+    gaps = np.array([r["gap"] for r in per_seed.values()])
+    k = len(gaps)
+    pv = _binomial_p(np.array([r["val_accuracy"] for r in per_seed.values()]), max(n_val, 1))
+    pt = _binomial_p(np.array([r["train_accuracy"] for r in per_seed.values()]), max(n_train, 1))
+    var_sampling = float(np.mean(pv * (1 - pv) / max(n_val, 1) + pt * (1 - pt) / max(n_train, 1)))
+    z = float(norm.ppf(0.5 + confidence / 2))
+    seed_half = float(t.ppf(0.5 + confidence / 2, k - 1) * gaps.std(ddof=1) / math.sqrt(k)) if k > 1 else 0.0
+    half = math.hypot(seed_half, z * math.sqrt(var_sampling))
+    mean = float(gaps.mean())
+    return {"value": mean, "ci_low": mean - half, "ci_high": mean + half, "per_seed": per_seed, "seeds": k}
+
+
+def overfitting(
+    histories: dict[str, dict[int, list[dict]]],
+    threshold: float,
+    *,
+    n_train: int,
+    n_val: int,
+    confidence: float = 0.95,
+) -> list[dict]:
+    """One finding per model: the train/validation accuracy gap at the best epoch (`overfitting_gap`, every
+    seed) graded against `threshold` (flagged when the whole interval is above it)."""
     out = []
     for name in sorted(histories):
-        gap = train_val_gap(histories[name])
-        flagged = gap["accuracy_gap_at_best"] > threshold
+        gap = overfitting_gap(histories[name], n_train=n_train, n_val=n_val, confidence=confidence)
+        measured = graded(
+            gap["value"],
+            gap["ci_low"],
+            gap["ci_high"],
+            threshold,
+            "above",
+            quantity="train - validation accuracy at the best epoch (training.rules.best_row), mean over seeds",
+            interval="Student-t over seeds + binomial noise of the validation and training set sizes, in quadrature",
+            confidence=confidence,
+        )
         out.append(
             finding(
                 "overfitting",
                 name,
-                flagged,
+                measured["status"],
                 "warning",
-                {**{k: (round(v, 6) if isinstance(v, float) else v) for k, v in gap.items()}, "threshold": threshold},
+                {
+                    "accuracy_gap_at_best": measured["value"],
+                    "per_seed": gap["per_seed"],
+                    "threshold": threshold,
+                    "val_samples": n_val,
+                    "train_samples": n_train,
+                },
                 "Train fewer parameters (freeze more blocks, or feature extraction), add augmentation or labels, "
                 "raise weight decay.",
+                measured=measured,
             )
         )
     return out
@@ -173,56 +456,83 @@ def _group_labels(model: nn.Module) -> dict[str, list[str]]:
     return {f"{i}:{g[0].rsplit('.', 1)[0]}": g for i, g in enumerate(groups)}
 
 
+FORGETTING_REMEDY = (
+    "Lower the backbone learning rate, use L2-SP, freeze the early blocks (finetune_top), or LoRA: all keep "
+    "the source behaviour closer, when the source task still matters."
+)
+
+
 @torch.no_grad()
 def forgetting_by_proxy(
     source_model: nn.Module,
-    tuned: nn.Module,
+    tuned: nn.Module | list[nn.Module],
     images: np.ndarray,
     mean: tuple,
     std: tuple,
     *,
     agreement_threshold: float,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
     device: torch.device | str | None = None,
 ) -> dict:
     """Catastrophic forgetting without the source data (ImageNet): on probe images, how often the
-    source classifier still predicts what it predicted before, once put on the fine-tuned backbone;
-    per-stage linear CKA between pre-trained and fine-tuned features; per-block relative weight drift.
+    source classifier still predicts what it predicted before, once put on the fine-tuned backbone of each
+    training seed (`tuned`: one model per seed); per-stage linear CKA between pre-trained and fine-tuned
+    features and per-block relative weight drift (first seed's model).
 
-    Both models are moved to `device` (default: the CPU) and run there in float32.
+    The agreement's interval is the project's bootstrap over probe images and seeds (`level`); flagged when the
+    whole interval is below `agreement_threshold`. Models run on `device` (default: the CPU) in float32.
     """
+    tuned_models = tuned if isinstance(tuned, list) else [tuned]
     device = as_device(device)
     source_model.to(device).eval()
-    tuned.to(device).eval()
     x = to_input(images, mean, std).to(device)
     head = source_model.get_classifier()
     before = head(source_model.forward_head(source_model.forward_features(x), pre_logits=True)).cpu().numpy()
-    after = head(tuned.forward_head(tuned.forward_features(x), pre_logits=True)).cpu().numpy()
-    agree = prediction_agreement(before, after)
+    rows, kls = [], []
+    for m in tuned_models:
+        m.to(device).eval()
+        after = head(m.forward_head(m.forward_features(x), pre_logits=True)).cpu().numpy()
+        rows.append(after.argmax(1))
+        kls.append(prediction_agreement(before, after)["mean_symmetric_kl"])
+    first = tuned_models[0]
     cka = [
         round(linear_cka(a, b), 6)
-        for a, b in zip(_pooled_blocks(source_model, x), _pooled_blocks(tuned, x), strict=True)
+        for a, b in zip(_pooled_blocks(source_model, x), _pooled_blocks(first, x), strict=True)
     ]
     s_state = {k: v for k, v in source_model.state_dict().items()}
-    t_state = tuned.state_dict()
-    groups = {k: [n for n in v if n in s_state and n in t_state] for k, v in _group_labels(tuned).items()}
+    t_state = first.state_dict()
+    groups = {k: [n for n in v if n in s_state and n in t_state] for k, v in _group_labels(first).items()}
     drift = {k: round(float(v), 6) for k, v in weight_drift(s_state, t_state, groups).items() if k != "_skipped"}
+    agree = level(before.argmax(1), np.stack(rows), n_bootstrap, seed, confidence)
+    measured = graded(
+        agree["value"],
+        agree["ci_low"],
+        agree["ci_high"],
+        agreement_threshold,
+        "below",
+        quantity="source top-1 agreement on probe images (source head on the fine-tuned backbone), mean over seeds",
+        interval="bootstrap over probe images + Student-t seed term",
+        confidence=confidence,
+    )
     evidence = {
         "probe_images": len(images),
-        "source_top1_agreement": round(agree["top1_agreement"], 6),
-        "source_mean_symmetric_kl": round(agree["mean_symmetric_kl"], 6),
+        "seeds": len(tuned_models),
+        "source_top1_agreement": measured["value"],
+        "source_mean_symmetric_kl": round(float(np.mean(kls)), 6),
         "cka_per_stage": cka,
         "relative_weight_drift": drift,
         "agreement_threshold": agreement_threshold,
     }
-    flagged = agree["top1_agreement"] < agreement_threshold
     return finding(
         "catastrophic_forgetting",
         "proxy (source data unavailable)",
-        flagged,
+        "ok",
         "warning",
         evidence,
-        "Lower the backbone learning rate, use L2-SP, freeze the early blocks (finetune_top), or LoRA: all keep "
-        "the source behaviour closer, when the source task still matters.",
+        FORGETTING_REMEDY,
+        measured=measured,
     )
 
 
@@ -249,6 +559,37 @@ def source_head_predictions(
     return torch.cat(preds).numpy()
 
 
+def bn_gap_graded(
+    models: list[nn.Module],
+    images: np.ndarray,
+    mean: tuple,
+    std: tuple,
+    *,
+    threshold: float,
+    n_bootstrap: int,
+    seed: int,
+    confidence: float,
+    device: torch.device | str | None = None,
+) -> dict:
+    """The mean standardised BatchNorm statistics gap of `models` (averaged over them) on target images, graded
+    against `threshold` with its bootstrap interval over the images (`measures.bn_gap_interval`)."""
+    x = to_input(images, mean, std)
+    models = [copy.deepcopy(m).to(as_device(device)) for m in models]
+    gap = bn_gap_interval(models, x, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
+    if gap is None:
+        return None
+    return graded(
+        gap["value"],
+        gap["ci_low"],
+        gap["ci_high"],
+        threshold,
+        "above",
+        quantity="mean standardised BatchNorm mean gap (source running statistics vs target activations)",
+        interval="percentile bootstrap over the probe images",
+        confidence=confidence,
+    )
+
+
 def domain_shift(
     source_model: nn.Module,
     target_images: np.ndarray,
@@ -262,35 +603,49 @@ def domain_shift(
     seed: int,
     pad_threshold: float,
     bn_gap_threshold: float,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
     unmeasured_reason: str = "no source-domain images (set diagnose.source_images to a folder of them)",
     device: torch.device | str | None = None,
 ) -> dict:
     """Domain shift from evidence that measures the source domain, and nothing else.
 
     * The BatchNorm statistics gap: the source model's own running statistics (estimated on its
-      pre-training data) against the activations of target images. Flags when the mean standardised gap,
-      averaged over layers, exceeds `bn_gap_threshold`.
+      pre-training data) against the activations of target images, averaged over layers, graded against
+      `bn_gap_threshold` with a bootstrap interval over the images (`bn_gap_graded`).
     * MMD (permutation test) and the proxy A-distance between features of real source-domain images and
-      target images, when such images exist (an in-pipeline source's own data, or `diagnose.source_images`).
-      Flags when p < 0.05 and PAD > `pad_threshold`. Without them (`source_feats is None`) both are
-      reported as "not measurable offline": a stand-in domain (e.g. crops of two sample photos) is
-      separable from any dataset by construction (PAD = 2), so it says nothing about this target.
-
-    The statistics pass runs on a copy of the source model on `device` (default: the CPU).
+      target images, when such images exist. Flags when p < 0.05 and PAD > `pad_threshold` (the permutation
+      test is the uncertainty statement; PAD has no interval). Without them both are "not measurable offline".
 
     Returns:
-        A `domain_shift` finding; `evidence.flagged_by` lists the measurements over their thresholds.
+        A `domain_shift` finding: flagged when either measurement flags, undetermined when the BN gap's
+        interval straddles its threshold and nothing flags; `evidence.flagged_by` lists what flagged.
     """
+    from transferlab.diagnosis.measures import bn_statistics_gap
+
     probe_model = copy.deepcopy(source_model).to(as_device(device))
     gaps = bn_statistics_gap(probe_model, to_input(target_images, mean, std))
-    mean_gap = [g["mean_gap"] for g in gaps]
-    gap_avg = float(np.mean(mean_gap)) if gaps else None
+    bn = (
+        bn_gap_graded(
+            [source_model],
+            target_images,
+            mean,
+            std,
+            threshold=bn_gap_threshold,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            confidence=confidence,
+            device=device,
+        )
+        if gaps
+        else None
+    )
     evidence: dict[str, Any] = {
         "source_domain": source_domain,
         "target_probe_images": len(target_images),
         "bn_layers": len(gaps),
-        "bn_mean_gap_avg": round(gap_avg, 6) if gap_avg is not None else None,
-        "bn_mean_gap_first_layer": round(float(mean_gap[0]), 6) if gaps else None,
+        "bn_mean_gap_avg": bn["value"] if bn else None,
+        "bn_mean_gap_first_layer": round(float(gaps[0]["mean_gap"]), 6) if gaps else None,
         "bn_worst_layers": [
             {k: (round(v, 6) if isinstance(v, float) else v) for k, v in g.items()}
             for g in sorted(gaps, key=lambda g: -g["mean_gap"])[:3]
@@ -299,7 +654,7 @@ def domain_shift(
         "pad_threshold": pad_threshold,
     }
     flagged_by = []
-    if gap_avg is not None and gap_avg > bn_gap_threshold:
+    if bn and bn["status"] == "flagged":
         flagged_by.append("bn_statistics_gap")
     if source_feats is None or target_feats is None:
         evidence.update({"mmd2": NOT_MEASURABLE, "mmd_p_value": NOT_MEASURABLE, "proxy_a_distance": NOT_MEASURABLE})
@@ -318,26 +673,38 @@ def domain_shift(
         if mmd["p_value"] < 0.05 and pad > pad_threshold:
             flagged_by.append("mmd_and_proxy_a_distance")
     evidence["flagged_by"] = flagged_by
-    return finding(
+    status = "flagged" if flagged_by else "undetermined" if bn and bn["status"] == "undetermined" else "ok"
+    f = finding(
         "domain_shift",
         source_domain,
-        bool(flagged_by),
+        status,
         "warning",
         evidence,
         "AdaBN (re-estimate BatchNorm statistics on target data), fine-tune the early blocks too, or a source "
         "closer to the target domain.",
     )
+    f["measured"] = bn
+    return f
 
 
 def resolution(source: str, target_size: int, source_size: int, *, ratio_threshold: float, size_origin: str) -> dict:
     """Flag a target image size far below the size the source was pre-trained at (`target < ratio x source`):
     the source's filters then see objects at a scale they never saw, and the deepest stages shrink to
-    1-2 pixels."""
+    1-2 pixels. The ratio is exact (no sampling noise): graded without an interval."""
     ratio = target_size / source_size
+    measured = graded(
+        ratio,
+        None,
+        None,
+        ratio_threshold,
+        "below",
+        quantity="target size / source input size",
+        interval="none: an exact ratio of sizes",
+    )
     return finding(
         "resolution",
         source,
-        ratio < ratio_threshold,
+        "ok",
         "warning",
         {
             "target_image_size": target_size,
@@ -347,23 +714,15 @@ def resolution(source: str, target_size: int, source_size: int, *, ratio_thresho
             "ratio_threshold": ratio_threshold,
         },
         "Upsample the target images toward the source's input size (data.image_size), when the compute allows.",
+        measured=measured,
     )
 
 
-def training_failed(name: str, seed: int, history: list[dict], record: dict, num_classes: int) -> dict:
-    """Did a training run fail? The train stage's own rule, `training.loop.training_failure`, applied to the
-    run's per-epoch history, beside the verdict the train stage recorded.
-
-    Failed when any of: the train stage recorded a failure (`training_failed`, with `failure_reason`);
-    `training_failure` flags the history (best validation accuracy near chance, or a training loss that never
-    fell well below ln(C), the loss of a uniform guess: its thresholds, not a second set); the history is empty,
-    or a loss in it is not finite (a divergence, which the training loop itself stops on). One rule for both
-    stages: a run diagnosed as failed is one the train stage marks failed and the comparison gives no verdict.
-
-    Returns:
-        A `training_failed` finding (critical) with the loss curve's first/last values, the best validation
-        accuracy, the learning rate and gradient norm when the history has them, and the reasons.
-    """
+def training_run_failed(history: list[dict], record: dict, num_classes: int) -> dict:
+    """One run's evidence under the train stage's rule (`training.loop.training_failure`), beside the verdict
+    the train stage recorded: failed when the train stage recorded a failure, `training_failure` flags the
+    history (best validation accuracy near chance, or a training loss that never fell well below ln(C)), the
+    history is empty, or a loss in it is not finite. Returns the evidence, with `reasons` ([] when trained)."""
     chance = 1.0 / num_classes
     ln_c = float(np.log(num_classes))
     loss = np.array([float(r.get("train_loss", np.nan)) for r in history], dtype=float)
@@ -387,65 +746,162 @@ def training_failed(name: str, seed: int, history: list[dict], record: dict, num
         vals = [r.get(key) for r in history if r.get(key) is not None]
         return [round(float(v), 6) for v in (vals[0], vals[-1])] if vals else None
 
-    evidence = {
-        "seed": seed,
+    return {
         "epochs_run": len(history),
         "train_loss_first_last": col("train_loss"),
         "loss_at_chance_ln_c": round(ln_c, 6),
         "best_val_accuracy": round(best_val, 6) if best_val is not None else None,
         "chance_accuracy": round(chance, 6),
-        "rule": "transferlab.training.loop.training_failure",
         "lr_first_last": col("lr"),
         "grad_norm_first_last": col("grad_norm"),
         "lr_chosen_on_validation": record.get("lr"),
         "converged": record.get("converged"),
         "reasons": reasons,
     }
-    chosen = record.get("lr")
+
+
+def training_failed(name: str, runs: dict[int, tuple[list[dict], dict]], num_classes: int) -> dict:
+    """Did the training of `name` fail, on any seed? One finding per model, every seed's run judged by the
+    train stage's own rule (`training_run_failed`): a run diagnosed as failed is one the train stage marks
+    failed and the comparison gives no verdict. A rule on each run, not an estimate: no interval.
+
+    Args:
+        runs: seed -> (that seed's history rows, its record in metrics/train/<name>.json).
+
+    Returns:
+        A `training_failed` finding (critical when a seed failed): evidence per seed and the failed seeds.
+    """
+    per_seed = {int(s): training_run_failed(h, r, num_classes) for s, (h, r) in sorted(runs.items())}
+    failed = [s for s, e in per_seed.items() if e["reasons"]]
+    chosen = next((e["lr_chosen_on_validation"] for e in per_seed.values() if e["lr_chosen_on_validation"]), None)
     remedy = (
         "The train stage retries other learning rates and keeps the one best on validation"
         + (f" (chosen: {chosen:g})" if isinstance(chosen, (int, float)) else "")
         + "; if every rate fails, check the data (labels, normalisation) and lower strategies.<name>.lr."
     )
-    return finding("training_failed", f"{name} (seed {seed})", bool(reasons), "critical", evidence, remedy)
+    evidence = {
+        "rule": "transferlab.training.loop.training_failure",
+        "seeds": sorted(per_seed),
+        "failed_seeds": failed,
+        "per_seed": per_seed,
+    }
+    return finding("training_failed", name, bool(failed), "critical", evidence, remedy)
 
 
-def lr_sensitivity(sweep: list[dict], *, spread_threshold: float, forgetting_threshold: float) -> dict:
+def _binomial_p(p: np.ndarray | float, n: int) -> np.ndarray | float:
+    """p kept half a count away from 0 and 1: a perfect accuracy on n examples still carries sampling noise."""
+    return np.clip(p, 0.5 / n, 1 - 0.5 / n)
+
+
+def _binomial_se(p: float, n: int | None) -> float | None:
+    if not n:
+        return None
+    q = float(_binomial_p(p, n))
+    return math.sqrt(q * (1 - q) / n)
+
+
+def lr_sensitivity(
+    sweep: list[dict],
+    *,
+    spread_threshold: float,
+    forgetting_threshold: float,
+    subject: str = "finetune_full",
+    n_val: int | None = None,
+    n_source: int | None = None,
+    confidence: float = 0.95,
+) -> dict:
     """Validation accuracy and source-task forgetting at each learning rate of a fine-tuning sweep.
 
     The best rate and the spread are read on the VALIDATION split; each row's test accuracy is reported
-    only (choosing on test would make the reported number optimistic). Every rate has the same short
-    budget (`epochs` in each row): a sensitivity probe, not converged runs.
+    only. Every rate has the same short budget (`epochs` in each row): a sensitivity probe, not converged
+    runs. The spread (best - worst validation accuracy) is graded against `spread_threshold` with a normal
+    interval from the binomial standard errors of the two accuracies (`n_val` examples); each rate's source
+    drop against `forgetting_threshold` likewise (`n_source`). Without sizes: graded on the values.
+
+    Args:
+        subject: the model measured, in words (e.g. "finetune_full on mnist_cnn").
     """
-    accs = [r["val_accuracy"] for r in sweep]
-    spread = float(max(accs) - min(accs))
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + confidence / 2))
     best = max(sweep, key=lambda r: (r["val_accuracy"], -r["lr"]))
-    wrecked = [r["lr"] for r in sweep if r.get("source_accuracy_drop", 0) > forgetting_threshold]
-    flagged = spread > spread_threshold or bool(wrecked)
+    worst = min(sweep, key=lambda r: r["val_accuracy"])
+    spread = float(best["val_accuracy"] - worst["val_accuracy"])
+    se_b, se_w = _binomial_se(best["val_accuracy"], n_val), _binomial_se(worst["val_accuracy"], n_val)
+    half = z * math.hypot(se_b, se_w) if se_b is not None else None
+    measured = graded(
+        spread,
+        spread - half if half is not None else None,
+        spread + half if half is not None else None,
+        spread_threshold,
+        "above",
+        quantity="validation accuracy spread over the swept learning rates",
+        interval="normal, binomial standard errors of the two validation accuracies"
+        if half is not None
+        else "none (validation size unknown)",
+        confidence=confidence,
+    )
+    wrecks = {}
+    for r in sweep:
+        if "source_accuracy_drop" not in r:
+            continue
+        d = float(r["source_accuracy_drop"])
+        se = (
+            math.hypot(
+                _binomial_se(r["source_accuracy_after"], n_source), _binomial_se(r["source_accuracy_before"], n_source)
+            )
+            if n_source and "source_accuracy_before" in r
+            else None
+        )
+        wrecks[r["lr"]] = grade(
+            d, d - z * se if se else None, d + z * se if se else None, forgetting_threshold, "above"
+        )
+    wrecked = [lr for lr, s in wrecks.items() if s == "flagged"]
+    statuses = [measured["status"], *wrecks.values()]
+    status = "flagged" if "flagged" in statuses else "undetermined" if "undetermined" in statuses else "ok"
     evidence = {
         "sweep": sweep,
         "val_accuracy_spread": round(spread, 6),
         "best_lr_on_validation": best["lr"],
         "rates_that_wreck_the_source_task": wrecked,
+        "source_drop_status_by_lr": {str(k): v for k, v in wrecks.items()},
         "spread_threshold": spread_threshold,
     }
-    return finding(
+    f = finding(
         "lr_sensitivity",
-        "finetune_full",
-        flagged,
+        subject,
+        status,
         "warning",
         evidence,
         f"Use a learning rate near {best['lr']:g} (the sweep's best on validation); avoid {wrecked or 'none'} where "
         "the source task is wrecked; or tune with `tune@<strategy>`.",
     )
+    f["measured"] = measured
+    return f
 
 
-def summarize(findings: list[dict]) -> dict[str, Any]:
-    """Counts per type and severity, for the metrics file and the report."""
+def summarize(findings: list[dict], controls: list[dict] | None = None) -> dict[str, Any]:
+    """Counts per type (checked / flagged / undetermined / ok), remedies by outcome, evidence apart, the worst
+    severity, for the metrics file and the report."""
     by_type: dict[str, dict[str, int]] = {}
+    remedies: dict[str, int] = {}
+    evidence: dict[str, int] = {}
     for f in findings:
-        t = by_type.setdefault(f["type"], {"checked": 0, "flagged": 0})
+        t = by_type.setdefault(f["type"], {"checked": 0, "flagged": 0, "undetermined": 0, "ok": 0})
         t["checked"] += 1
-        t["flagged"] += int(f["flagged"])
+        t[f.get("status", "flagged" if f["flagged"] else "ok")] += 1
+        r = f.get("remedy_result")
+        if r:
+            bucket = remedies if r.get("kind") == "remedy" else evidence
+            key = r.get("outcome") or "not re-measured"
+            bucket[key] = bucket.get(key, 0) + 1
     worst = max((SEVERITIES.index(f["severity"]) for f in findings), default=0)
-    return {"by_type": by_type, "worst_severity": SEVERITIES[worst], "flagged": sum(f["flagged"] for f in findings)}
+    return {
+        "by_type": by_type,
+        "worst_severity": SEVERITIES[worst],
+        "flagged": sum(f["flagged"] for f in findings),
+        "undetermined": sum(f.get("status") == "undetermined" for f in findings),
+        "remedy_runs": {"count": sum(remedies.values()), "by_outcome": dict(sorted(remedies.items()))},
+        "evidence": {"count": sum(evidence.values()), "by_outcome": dict(sorted(evidence.items()))},
+        "controls": len(controls or []),
+    }

@@ -1,6 +1,7 @@
 """The diagnosis' inputs, read once from what the earlier stages wrote: the prepared data, the selected source,
-every model's test predictions aligned on sample ids, the agreement stage's linear-probe candidates, and the
-optional source-domain images. The checks (`transferlab.diagnosis.checks`) read them from the context."""
+every model's test predictions (every training seed) aligned on sample ids, compare's summary, the agreement
+stage's linear-probe candidates, and the optional source-domain images. The checks
+(`transferlab.diagnosis.checks`) read them from the context."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def load_context(
     predictions_dir: str | Path,
     history_dir: str | Path,
     train_metrics_dir: str | Path | None,
+    summary: str | Path | None = None,
 ) -> DiagnosisContext:
     """Load the inputs the checks share.
 
@@ -38,9 +40,11 @@ def load_context(
             features, pre-trained sources, trained models, histories and train metrics from.
         predictions_dir: `<name>.csv` of every strategy and of the classical baseline (those present are
             used), and the agreement stage's `agreement.csv` when there is one.
+        summary: compare's metrics/summary.json (None: negative transfer is computed from the predictions).
 
     Returns:
-        The context, test predictions of each model's first training seed aligned on shared sample ids.
+        The context: every seed's test predictions of each model, aligned on shared sample ids (the same
+        alignment as compare's `read_run_results`).
 
     Raises:
         ValueError: the predictions do not cover the same test samples.
@@ -52,7 +56,6 @@ def load_context(
     names = sorted(params.strategies) + [params.baseline.model]
     frames = {n: layout.read_predictions(pred_dir / f"{n}.csv") for n in names if (pred_dir / f"{n}.csv").is_file()}
     ids, y, by_seed = layout.aligned_predictions(frames)
-    preds = {n: v[0] for n, v in by_seed.items()}  # the first training seed: the model the checks load
     ctx = DiagnosisContext(
         params=params,
         data=data,
@@ -65,8 +68,9 @@ def load_context(
         train_metrics_dir=Path(train_metrics_dir) if train_metrics_dir else None,
         sample_ids=ids,
         y=y,
-        preds=preds,
+        preds_by_seed=by_seed,
         candidates=_agreement_candidates(pred_dir / "agreement.csv", data.ids["test"], ids),
+        summary=read_json(summary) if summary else None,
     )
     dp = params.diagnose
     if dp.source_images is not None:

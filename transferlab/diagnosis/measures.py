@@ -34,6 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from transferlab.evaluation.stats import labels_1d, to_numpy
 from transferlab.models.batchnorm import ChannelMoments
 from transferlab.models.inference import module_device
+from transferlab.training.rules import best_row
 
 __all__ = [
     "bn_statistics_gap",
@@ -425,6 +426,82 @@ def bn_statistics_gap(model: torch.nn.Module, images: torch.Tensor, *, batch_siz
     return out
 
 
+def bn_gap_interval(
+    models: list[torch.nn.Module],
+    images: torch.Tensor,
+    *,
+    n_bootstrap: int,
+    confidence: float = 0.95,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict | None:
+    """`bn_statistics_gap`'s mean gap (|mu_t - mu_s| / sqrt(var_s + eps), averaged over channels, then over
+    layers), averaged over `models`, with a percentile bootstrap interval over the images.
+
+    Each image's per-channel mean of the activations entering each ``BatchNorm2d`` is kept; every image has
+    the same number of pixels per layer, so the target mean mu_t is the mean of the image means, and a
+    replicate reweights the images with one multinomial draw (the same draws for every model: paired).
+
+    Returns:
+        {"value", "ci_low", "ci_high", "layers", "images"}; None when no model has a BatchNorm2d layer.
+    """
+    n = int(images.shape[0])
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap) / n  # (B, n)
+    full, reps, n_layers = [], [], 0
+    for model in models:
+        layers = [
+            (name, mod)
+            for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.BatchNorm2d) and mod.running_mean is not None and mod.running_var is not None
+        ]
+        if not layers:
+            continue
+        means: dict[str, list[np.ndarray]] = {name: [] for name, _ in layers}
+        handles = []
+        for name, mod in layers:
+
+            def hook(_m: torch.nn.Module, inputs: tuple, _out: list = means[name]) -> None:
+                _out.append(inputs[0].detach().to("cpu", torch.float64).mean(dim=(2, 3)).numpy())
+
+            handles.append(mod.register_forward_pre_hook(hook))
+        flags = {mod: mod.training for mod in model.modules()}
+        device = module_device(model)
+        try:
+            model.eval()
+            with torch.no_grad():
+                for start in range(0, n, batch_size):
+                    model(images[start : start + batch_size].to(device))
+        finally:
+            for h in handles:
+                h.remove()
+            for mod, flag in flags.items():
+                mod.training = flag
+        layer_full, layer_reps = [], []
+        for name, mod in layers:
+            if not means[name]:
+                continue
+            m = np.concatenate(means[name])  # (n, C)
+            mu_s = mod.running_mean.detach().to("cpu", torch.float64).numpy()
+            sd_s = np.sqrt(np.maximum(mod.running_var.detach().to("cpu", torch.float64).numpy(), 0.0) + float(mod.eps))
+            layer_full.append(float(np.mean(np.abs(m.mean(0) - mu_s) / sd_s)))
+            layer_reps.append(np.mean(np.abs(weights @ m - mu_s) / sd_s, axis=1))
+        full.append(float(np.mean(layer_full)))
+        reps.append(np.mean(layer_reps, axis=0))
+        n_layers = len(layer_full)
+    if not full:
+        return None
+    rep = np.mean(reps, axis=0)
+    alpha = (1 - confidence) / 2
+    return {
+        "value": float(np.mean(full)),
+        "ci_low": float(np.quantile(rep, alpha)),
+        "ci_high": float(np.quantile(rep, 1 - alpha)),
+        "layers": n_layers,
+        "images": n,
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # 6. weight drift
 # --------------------------------------------------------------------------------------------------
@@ -582,8 +659,8 @@ def train_val_gap(history: Sequence[Mapping[str, float]]) -> dict[str, float | i
 
     Accuracy gap = train_accuracy - val_accuracy and loss gap = val_loss - train_loss (both positive when
     over-fitting), the usual generalisation-gap definition (e.g. Zhang et al., "Understanding deep learning
-    requires rethinking generalization", ICLR 2017). The best epoch is the first one with the highest
-    val_accuracy (the checkpoint early stopping would keep).
+    requires rethinking generalization", ICLR 2017). The best epoch is `training.rules.best_row`'s: the checkpoint
+    `fit` kept (highest val_accuracy, a tie broken by the lower val_loss, then the earlier epoch).
 
     Args:
         history: one mapping per epoch, in order, each with ``train_accuracy``, ``val_accuracy``,
@@ -616,7 +693,11 @@ def train_val_gap(history: Sequence[Mapping[str, float]]) -> dict[str, float | i
                 raise ValueError(f"history[{i}][{key!r}] is NaN")
             rows[i, j] = val
     train_acc, val_acc, train_loss, val_loss = rows.T
-    best = int(np.argmax(val_acc))
+    # The best epoch is `training.rules.best_row`'s (the checkpoint kept), never a second definition.
+    keyed = [
+        {"val_accuracy": va, "val_loss": vl, "_i": i} for i, (va, vl) in enumerate(zip(val_acc, val_loss, strict=True))
+    ]
+    best = int(best_row(keyed)["_i"])
     last = len(history) - 1
     return {
         "best_epoch": best,

@@ -1,19 +1,78 @@
-"""The diagnosis as Markdown (`reports/diagnosis.md`): findings in report order, each with its evidence,
-severity and remedy, and the remedies' before/after numbers."""
+"""The diagnosis as Markdown (`reports/diagnosis.md`): per finding type, the flagged and undetermined findings in
+full (the graded quantity with its interval and threshold, the evidence, the remedy, and each remedy's outcome
+beside its target-accuracy change), the findings that are ok collapsed to one line per check, and the controls
+(random-init sources) in their own short list: reference points, never findings."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from transferlab.diagnosis.findings import REPORT_ORDER
+from transferlab.diagnosis.findings import NOT_MEASURABLE, REPORT_ORDER
 
 
-def to_markdown(findings: list[dict], summary: dict) -> str:
-    """reports/diagnosis.md: one section per finding type, flagged findings first."""
+def _interval(m: dict) -> str:
+    if m.get("ci_low") is None:
+        return f"{m['value']:.4f} (exact)"
+    conf = f"{m['confidence']:.0%} " if m.get("confidence") else ""
+    return f"{m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}] ({conf}CI)"
+
+
+def measured_line(m: dict | None) -> str:
+    """'<quantity> 0.1527 [0.128, 0.178] (95% CI) vs threshold 0.15 (flagged above) -> undetermined'."""
+    if not m:
+        return ""
+    side = "above" if m["direction"] == "above" else "below"
+    return f"{m['quantity']} {_interval(m)} vs threshold {m['threshold']} (a problem {side}) -> **{m['status']}**"
+
+
+def _change(c: dict | None) -> str:
+    if not c:
+        return "n/a"
+    if c.get("ci_low") is None:
+        return f"{c['gain']:+.3f}"
+    return f"{c['gain']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
+
+
+def remedy_line(r: dict) -> str:
+    """One line: what ran (remedy) or was compared (evidence), the quantity re-graded, the outcome beside the
+    target-accuracy change."""
+    label = "remedy run" if r["kind"] == "remedy" else "evidence (existing models, not a remedy run)"
+    parts = [f"{label}: {r['run']}"]
+    if r.get("before") and r.get("after"):
+        parts.append(
+            f"{r['before']['quantity']} {_interval(r['before'])} -> {_interval(r['after'])} "
+            f"(now {r['after']['status']}; change {_change(r.get('change'))})"
+        )
+    t = r.get("target_accuracy")
+    target = (
+        f"target test accuracy {t['before']:.3f} -> {t['after']:.3f}, change {_change(t['change'])}"
+        if t
+        else "target accuracy not measured"
+    )
+    outcome = r.get("outcome") or "quantity not re-measured"
+    parts.append(f"**{outcome}** | {target}")
+    if r.get("note"):
+        parts.append(r["note"])
+    return "; ".join(parts)
+
+
+def _counts(block: dict | None) -> str:
+    """'3 (resolved 1, trade-off 2)'."""
+    block = block or {}
+    outcomes = ", ".join(f"{k} {v}" for k, v in block.get("by_outcome", {}).items())
+    return f"{block.get('count', 0)}" + (f" ({outcomes})" if outcomes else "")
+
+
+def to_markdown(findings: list[dict], summary: dict, controls: list[dict] | None = None) -> str:
+    """reports/diagnosis.md: one section per finding type; flagged, then undetermined findings in full; the ok
+    findings of each check on one line; the controls apart."""
     lines = [
         "# Diagnosis",
         "",
-        f"Worst severity: **{summary['worst_severity']}**; {summary['flagged']} finding(s) flagged.",
+        f"Worst severity: **{summary['worst_severity']}**; {summary['flagged']} finding(s) flagged, "
+        f"{summary.get('undetermined', 0)} undetermined (an interval that straddles its threshold). "
+        f"Remedy runs: {_counts(summary.get('remedy_runs'))}; evidence from existing models (not remedy runs): "
+        f"{_counts(summary.get('evidence'))}.",
         "",
     ]
     kinds = [k for k in REPORT_ORDER if any(f["type"] == k for f in findings)]
@@ -21,26 +80,35 @@ def to_markdown(findings: list[dict], summary: dict) -> str:
     for kind in kinds:
         group = [f for f in findings if f["type"] == kind]
         lines += [f"## {kind.replace('_', ' ')}", ""]
-        for f in sorted(group, key=lambda f: (not f["flagged"], f["subject"])):
-            mark = f"**{f['severity'].upper()}**" if f["flagged"] else "ok"
+        order = {"flagged": 0, "undetermined": 1}
+        for f in sorted(group, key=lambda f: (order.get(f.get("status"), 2), f["subject"])):
+            if f.get("status", "flagged" if f["flagged"] else "ok") == "ok":
+                continue
+            mark = f"**{f['severity'].upper()}**"
             lines.append(f"- {mark} `{f['subject']}`: {_evidence_line(f)}")
+            if f.get("measured"):
+                lines.append(f"  - graded: {measured_line(f['measured'])}")
             if f["flagged"]:
                 lines.append(f"  - remedy: {f['remedy']}")
             r = f.get("remedy_result")
             if r:
-                conf = f"{r.get('confidence', 0.95):.0%}"
-                lines.append(
-                    f"  - remedy run ({r['remedy_run']}): {r['metric']} {r['before']:.3f} -> "
-                    f"{r['after']:.3f}, change {r['change']['gain']:+.3f} "
-                    f"[{r['change']['ci_low']:+.3f}, {r['change']['ci_high']:+.3f}] ({conf} CI) -> **{r['verdict']}**"
-                    + (f"; {r['note']}" if r.get("note") else "")
-                )
+                lines.append(f"  - {remedy_line(r)}")
                 for alt in r.get("alternatives", []):
-                    lines.append(
-                        f"  - alternative remedy run ({alt['remedy_run']}): {alt['metric']} {alt['before']:.3f} -> "
-                        f"{alt['after']:.3f}, change {alt['change']['gain']:+.3f} [{alt['change']['ci_low']:+.3f}, "
-                        f"{alt['change']['ci_high']:+.3f}] -> **{alt['verdict']}**"
-                    )
+                    lines.append(f"  - alternative: {remedy_line(alt)}")
+        by_check: dict[str, list[str]] = {}
+        for f in group:
+            if f.get("status", "flagged" if f["flagged"] else "ok") == "ok":
+                why = f["evidence"].get("not_measurable_because")  # an ok that measured only part says so
+                label = f"`{f['subject']}`" + (f" (MMD / proxy A-distance {NOT_MEASURABLE}: {why})" if why else "")
+                by_check.setdefault(f.get("check", kind), []).append(label)
+        for check, subjects in sorted(by_check.items()):
+            lines.append(f"- ok ({check}, {len(subjects)}): {', '.join(sorted(subjects))}")
+        lines.append("")
+    if controls:
+        lines += ["## reference points (controls)", ""]
+        for c in controls:
+            gains = "; ".join(f"vs {ref}: {_change(g)}" for ref, g in c["gain_vs"].items())
+            lines.append(f"- `{c['subject']}`: {gains} ({c['note']})")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -61,7 +129,8 @@ def _evidence_line(f: dict) -> str:
             + f" ({conf})"
         )
     if f["type"] == "overfitting":
-        return f"train-val accuracy gap at best epoch {e['accuracy_gap_at_best']:.3f} (threshold {e['threshold']})"
+        seeds = ", ".join(f"seed {s}: {r['gap']:.3f} at epoch {r['best_epoch']}" for s, r in e["per_seed"].items())
+        return f"train-val accuracy gap at the best epoch {e['accuracy_gap_at_best']:.3f} ({seeds})"
     if f["type"] == "domain_shift" and e.get("measure") == "text":
         t, r = e["target"], e["reference"]
         return (
@@ -88,10 +157,11 @@ def _evidence_line(f: dict) -> str:
             f"(ratio {e['ratio']:.2f}, threshold {e['ratio_threshold']})"
         )
     if f["type"] == "training_failed":
-        return (
-            f"loss first/last {e['train_loss_first_last']} (ln C = {e['loss_at_chance_ln_c']:.3f}), best val "
-            f"accuracy {e['best_val_accuracy']} (chance {e['chance_accuracy']:.3f}), lr {e['lr_first_last']}, "
-            f"grad norm {e['grad_norm_first_last']}; {', '.join(e['reasons']) or 'trained'}"
+        return "; ".join(
+            f"seed {s}: loss first/last {r['train_loss_first_last']} (ln C = {r['loss_at_chance_ln_c']:.3f}), best "
+            f"val accuracy {r['best_val_accuracy']} (chance {r['chance_accuracy']:.3f}); "
+            f"{', '.join(r['reasons']) or 'trained'}"
+            for s, r in e["per_seed"].items()
         )
     if f["type"] == "lr_sensitivity":
         rows = ", ".join(
@@ -116,7 +186,7 @@ def _evidence_line(f: dict) -> str:
                 f"(drop {e['source_accuracy_drop_bn_restored']:.3f}); fine-tuned at lr {e['lr']:g}"
             )
         return (
-            f"source top-1 agreement {e['source_top1_agreement']:.3f} on {e['probe_images']} probe images, "
-            f"CKA by stage {e['cka_per_stage']}"
+            f"source top-1 agreement {e['source_top1_agreement']:.3f} on {e['probe_images']} probe images "
+            f"({e.get('seeds', 1)} seed(s)), CKA by stage {e['cka_per_stage']}"
         )
     return str(e)

@@ -92,19 +92,36 @@ def recommendation_text(summary: dict, source: str | None) -> str:
     return out + tail
 
 
-def _diagnosis_rows(findings: list[dict]) -> list[list[str]]:
-    """Every flagged finding on its own line; the findings that are ok collapsed to one line per check."""
+def _diagnosis_rows(findings: list[dict], controls: list[dict] | None = None) -> list[list[str]]:
+    """Every flagged or undetermined finding on its own line, its remedy's outcome (or the evidence's) beside the
+    target-accuracy change; the findings that are ok collapsed to one line per check; the controls on one line."""
+
+    def status(f: dict) -> str:
+        return f.get("status", "flagged" if f["flagged"] else "ok")
+
     rows = []
-    for f in sorted((f for f in findings if f["flagged"]), key=lambda f: (f["type"], f["subject"])):
+    for f in sorted((f for f in findings if status(f) != "ok"), key=lambda f: (f["type"], status(f), f["subject"])):
         r = f.get("remedy_result")
-        res = f"{r['remedy_run']}: {r['metric']} {r['before']:.3f} → {r['after']:.3f} ({r['verdict']})" if r else "—"
+        res = "—"
+        if r:
+            t, what = r.get("target_accuracy"), "remedy" if r.get("kind") == "remedy" else "evidence"
+            target = (
+                f"target accuracy {t['before']:.3f} → {t['after']:.3f} ({t['change']['gain']:+.3f} "
+                f"[{t['change']['ci_low']:+.3f}, {t['change']['ci_high']:+.3f}])"
+                if t
+                else "target accuracy not measured"
+            )
+            res = f"{what}: {r.get('outcome') or 'not re-measured'}; {target}"
         rows.append([f["type"].replace("_", " "), f["subject"], f["severity"], res])
     ok: dict[str, list[str]] = {}
     for f in findings:
-        if not f["flagged"]:
-            ok.setdefault(f["type"], []).append(f["subject"])
-    for kind, subjects in sorted(ok.items()):
-        rows.append([kind.replace("_", " "), f"{len(subjects)} ok: {', '.join(subjects)}", "ok", "—"])
+        if status(f) == "ok":
+            ok.setdefault(f.get("check", f["type"]), []).append(f["subject"])
+    for check, subjects in sorted(ok.items()):
+        rows.append([check.replace("_", " "), f"{len(subjects)} ok: {', '.join(subjects)}", "ok", "—"])
+    if controls:
+        names = ", ".join(c["subject"] for c in controls)
+        rows.append(["controls", names, "reference point", "not findings: see reports/diagnosis.md"])
     return rows
 
 
@@ -238,11 +255,15 @@ def build_sections(
     for recipe, r in agreement.get("recipes", {}).items():
         table.append([recipe, *[_pct(r["test_accuracy"].get(c)) for c in sorted(agreement["candidates"])]])
     sections.append(("Did the ranking predict what training achieved?", agree_txt, table))
-    table = [["finding", "subject", "severity", "remedy result"], *_diagnosis_rows(diagnosis["findings"])]
+    table = [
+        ["finding", "subject", "severity", "remedy outcome | target accuracy"],
+        *_diagnosis_rows(diagnosis["findings"], diagnosis.get("controls")),
+    ]
     sections.append(
         (
             "Diagnosis",
-            f"Worst severity: {diagnosis['summary']['worst_severity']}; {diagnosis['summary']['flagged']} flagged "
+            f"Worst severity: {diagnosis['summary']['worst_severity']}; {diagnosis['summary']['flagged']} flagged, "
+            f"{diagnosis['summary'].get('undetermined', 0)} undetermined "
             "(one line each); the checks that found nothing, one line per check. Evidence for each finding: "
             "reports/diagnosis.md and metrics/diagnosis.json.",
             table,

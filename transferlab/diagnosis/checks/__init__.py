@@ -1,13 +1,15 @@
 """Registry of diagnosis checks, one module each; adding one is a module and a decorator.
 
-A check measures one problem, turns the measurement into findings (with a severity and a remedy, see
-`transferlab.diagnosis.findings.finding`), runs the remedy of each flagged finding and verifies it before/after:
+A check measures one problem on every training seed, grades it with an interval (ok / undetermined / flagged,
+see `transferlab.diagnosis.findings.finding`), and for each flagged finding runs its remedy, which re-measures
+the flagged quantity under the pipeline's protocol and re-grades it (or, when it only compares two models that
+already exist, records that as evidence: `findings.remedy_result`):
 
     @register_check("resolution")
     class Resolution(Check):
         order = 50
         def measure(self, ctx): ...          # -> list of findings
-        def remedy(self, ctx, finding): ...   # -> remedy_result (findings.remedy_outcome) or None
+        def remedy(self, ctx, finding): ...   # -> findings.remedy_result (kind remedy / evidence) or None
 
 `run_checks` is the diagnose stage's loop: every registered check in `order`, remedies for flagged
 findings only.
@@ -47,7 +49,7 @@ class Check:
         raise NotImplementedError
 
     def remedy(self, ctx: DiagnosisContext, finding: dict) -> dict | None:
-        """Run the remedy of a flagged finding; return its before/after (`findings.remedy_outcome`)."""
+        """Run the remedy of a flagged finding; return its re-measurement (`findings.remedy_result`)."""
         return None
 
 
@@ -79,9 +81,10 @@ def get_check(name: str) -> Check:
 class DiagnosisContext:
     """Everything the checks read, loaded once by the stage.
 
-    Test predictions are aligned on `sample_ids` (never on row order); `preds` holds each model's first
-    training seed (the seed whose model `layout.primary_seed_dir` loads), `test_images` the prepared test
-    images in the same order.
+    Test predictions are aligned on `sample_ids` (never on row order); `preds_by_seed` holds each model's
+    (k_seeds, n) predictions, every training seed, `test_images` the prepared test images in the same order.
+    `summary` is compare's metrics/summary.json (negative transfer is graded from it); `controls` the sources
+    of kind random_init (reference points, never findings), filled by the checks.
     """
 
     params: Params
@@ -95,8 +98,10 @@ class DiagnosisContext:
     train_metrics_dir: Path | None
     sample_ids: np.ndarray
     y: np.ndarray
-    preds: dict[str, np.ndarray]
+    preds_by_seed: dict[str, np.ndarray]
     candidates: dict[str, np.ndarray] = field(default_factory=dict)
+    summary: dict | None = None
+    controls: list[dict] = field(default_factory=list)
     source_images: np.ndarray | None = None  # params diagnose.source_images, loaded at the target size
     cache: dict[str, Any] = field(default_factory=dict)
     # Where checks run forward passes and remedy training (a torch.device, resolved from train.device by the
@@ -109,12 +114,30 @@ class DiagnosisContext:
 
     @property
     def train_seed(self) -> int:
-        """The first training seed: the one remedy runs train with."""
+        """The first training seed (the learning-rate sweep's short runs use it)."""
         return int(getattr(self.params.train, "seeds", [self.params.seed])[0])
 
     @property
     def n_bootstrap(self) -> int:
+        """Replicates of the diagnosis's own intervals (BN gaps, agreements, source accuracies)."""
         return self.params.diagnose.n_bootstrap
+
+    @property
+    def compare_n_bootstrap(self) -> int:
+        """Replicates of every target-accuracy gain: compare's, so that a gain is metrics/summary.json's."""
+        return self.params.compare.n_bootstrap
+
+    def gain(self, a: np.ndarray, b: np.ndarray) -> dict:
+        """Test accuracy gain of rows `a` over rows `b` (all seeds), exactly as compare computes it."""
+        from transferlab.diagnosis.findings import _gain
+
+        return _gain(self.y, a, b, self.compare_n_bootstrap, self.seed, self.confidence)
+
+    def target_change(self, before: np.ndarray, after: np.ndarray) -> dict:
+        """Target test accuracy before/after a remedy (all seeds' rows) and the change, as compare computes it."""
+        from transferlab.diagnosis.findings import accuracy_change
+
+        return accuracy_change(self.y, before, after, self.compare_n_bootstrap, self.seed, self.confidence)
 
     @property
     def confidence(self) -> float:
@@ -159,11 +182,54 @@ class DiagnosisContext:
 
     def load_strategy_model(self, name: str):
         """The trained model of `strategies.<name>` (its first seed), rebuilt on the selected source."""
+        return self.load_strategy_models(name)[0]
+
+    def load_strategy_models(self, name: str) -> list:
+        """The trained models of `strategies.<name>`, one per training seed in seed order."""
         from transferlab.core import layout
         from transferlab.strategies import get_strategy, strategy_config
 
         cfg = strategy_config(name, self.params.strategies[name])
-        return get_strategy(cfg.kind).load(layout.primary_seed_dir(self.models_dir / name), lambda: self.load_source())
+        return [
+            get_strategy(cfg.kind).load(d, lambda: self.load_source())
+            for d in layout.seed_dirs(self.models_dir / name).values()
+        ]
+
+    def kind_of(self, name: str) -> str:
+        """The strategy kind of `strategies.<name>`."""
+        return dict(self.params.strategies.get(name) or {}).get("kind", name)
+
+    def protocol(self, kind: str, *, source: str | None = None, like: str | None = "finetune_full", **overrides):
+        """Train `kind` under the pipeline's protocol (`build_recipe` + `train_protocol`: the rate chosen on
+        validation from `train.lr_grid` around the configured one, then every seed of `train.seeds`), from
+        `source` (default: the selected one). The settings are `strategies.<kind>`'s when listed, else those of
+        `strategies.<like>` that `kind`'s config declares (finetune_full's lr, backbone_lr_mult and epochs: the
+        rate the protocol searches around; `like=None`: the kind's defaults), plus `overrides` (e.g. L2-SP's
+        alpha). Cached per (kind, source, overrides). Returns the `ProtocolResult`."""
+        from transferlab.strategies import get_strategy, strategy_config
+        from transferlab.training.protocol import train_protocol
+
+        key = (kind, source, like, tuple(sorted(overrides.items())))
+        runs = self.cache.setdefault("protocol_runs", {})
+        if key not in runs:
+            listed = next((n for n in sorted(self.params.strategies) if self.kind_of(n) == kind), None)
+            raw = dict(self.params.strategies.get(listed or like or "") or {})
+            raw.pop("kind", None)
+            if listed is None:
+                declared = type(strategy_config(kind, {"kind": kind})).model_fields
+                raw = {k: v for k, v in raw.items() if k in ("lr", "backbone_lr_mult", "epochs") and k in declared}
+            cfg = strategy_config(kind, {**raw, "kind": kind, **overrides})
+            runs[key] = train_protocol(
+                get_strategy(kind),
+                cfg,
+                lambda: self.load_source(source),
+                self.data.images,
+                self.data.labels,
+                self.data.num_classes,
+                self.recipe(kind, cfg),
+                label=f"diagnose {kind}" + (f" on {source}" if source else ""),
+            )
+        return runs[key]
 
     def recipe(self, strategy_name: str, cfg):
         """The pipeline's own training recipe for remedy runs of `strategy_name` (`build_recipe` on
@@ -177,8 +243,9 @@ class DiagnosisContext:
 
     def finetune_like(self, kind: str, lr: float, *, source: str | None = None, epochs: int | None = None):
         """Train `kind` (`finetune_full`, or `l2sp` at `diagnose.l2sp_alpha`) with `strategies.finetune_full`'s
-        settings at `lr`, from `source` (default: the selected one), with the pipeline's recipe on the first
-        training seed; `epochs` fixes a short budget (patience = epochs) instead. Returns the `TrainResult`."""
+        settings at a FIXED `lr`, from `source` (default: the selected one), with the pipeline's recipe on the
+        first training seed; `epochs` fixes a short budget (patience = epochs) instead. Only the learning-rate
+        sweep uses it (a probe at fixed rates); remedies train with `protocol`. Returns the `TrainResult`."""
         from transferlab.core.seeding import seed_everything
         from transferlab.strategies import get_strategy, strategy_config
         from transferlab.training.protocol import train_strategy
@@ -229,6 +296,12 @@ def run_checks(ctx: DiagnosisContext, names: list[str] | None = None) -> tuple[l
                 f["remedy_result"] = check.remedy(ctx, f)
             findings.append(f)
         ran.append(check.name)
+    seen: set[tuple[str, str]] = set()
+    for f in findings:  # one finding per model and type: a model counted twice would weigh twice in the counts
+        key = (f["type"], f["subject"])
+        if key in seen:
+            raise ValueError(f"two '{key[0]}' findings about '{key[1]}': a check measured one model twice")
+        seen.add(key)
     return findings, {"checks_run": ran, "checks_skipped": skipped}
 
 

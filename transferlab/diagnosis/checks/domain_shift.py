@@ -4,9 +4,14 @@
   activations of stratified target images; MMD and the proxy A-distance only when the user provides
   source-domain images (`diagnose.source_images`), otherwise "not measurable offline" (no stand-in domain:
   crops of two sample photos are separable from any dataset, PAD = 2 by construction). Remedy when
-  flagged: AdaBN against the linear probe (same frozen backbone), trained with the pipeline's recipe.
+  flagged: AdaBN against the linear probe (same frozen backbone), trained under the pipeline's protocol (every
+  seed), its BN gap re-measured and re-graded; when the pipeline already trained an adabn entry, that model is
+  compared instead, as evidence.
 * The in-pipeline source (`diagnose.forgetting_source`): its own source-task images are on disk, so MMD and
-  the proxy A-distance are real; remedy: the selected source under the same linear probe.
+  the proxy A-distance are real; evidence: the selected source under the same linear probe.
+
+The BatchNorm gap carries a bootstrap interval over the probe images; a gap whose interval straddles
+`diagnose.bn_gap_threshold` is undetermined.
 """
 
 from __future__ import annotations
@@ -84,6 +89,8 @@ class DomainShift(Check):
             "seed": ctx.seed,
             "pad_threshold": dp.pad_threshold,
             "bn_gap_threshold": dp.bn_gap_threshold,
+            "n_bootstrap": ctx.n_bootstrap,
+            "confidence": ctx.confidence,
         }
         src = ctx.load_source()
         source_feats = target_feats = None
@@ -108,6 +115,7 @@ class DomainShift(Check):
         ]
         out[0]["evidence"]["source"] = ctx.selected
         fs = dp.forgetting_source
+        ctx.cache["domain_shift"] = out
         if fs:
             base = ctx.load_source(fs)
             pdir = ctx.pretrained_dir / fs
@@ -134,51 +142,61 @@ class DomainShift(Check):
         source = finding["evidence"]["source"]
         if source != ctx.selected:  # the in-pipeline source: a closer source under the same linear probe
             a, b = f"linear_probe:{source}", f"linear_probe:{ctx.selected}"
+            sel = next((f for f in ctx.cache.get("domain_shift", []) if f["evidence"]["source"] == ctx.selected), None)
             if a not in ctx.candidates or b not in ctx.candidates:
                 return None
-            return dx.remedy_outcome(
-                ctx.y,
-                ctx.candidates[a],
-                ctx.candidates[b],
-                ctx.n_bootstrap,
-                ctx.seed,
-                f"a closer source: linear_probe on {ctx.selected}",
-                confidence=ctx.confidence,
+            before, after = finding.get("measured"), (sel or {}).get("measured")
+            return dx.remedy_result(
+                "evidence",
+                f"a closer source: the agreement stage's linear probe on {ctx.selected} against the one on {source} "
+                "(two existing models compared, nothing re-trained)",
+                before=before,
+                after=after,
+                change=dx.difference(before, after) if before and after else None,
+                target=ctx.target_change(ctx.candidates[a][None, :], ctx.candidates[b][None, :]),
             )
-        if "linear_probe" not in ctx.preds:
+        lp = next((n for n in sorted(ctx.preds_by_seed) if ctx.kind_of(n) == "linear_probe"), None)
+        if lp is None or finding.get("measured") is None:
             return None
-        listed, cfg = adabn_config(ctx)
-        if listed and listed in ctx.preds:  # the pipeline already trained it: reuse, do not retrain
-            after, how = ctx.preds[listed], f"{listed} as trained by the pipeline"
+        listed, _ = adabn_config(ctx)
+        src = ctx.load_source()
+        if listed and listed in ctx.preds_by_seed:  # the pipeline already trained it: evidence, not a remedy run
+            kind, models, after_rows = "evidence", ctx.load_strategy_models(listed), ctx.preds_by_seed[listed]
+            how = f"{listed} as already trained by the pipeline, against {lp} (two existing models compared)"
         else:
-            from transferlab.core.seeding import seed_everything
             from transferlab.models.inference import predict_images
-            from transferlab.strategies import get_strategy
-            from transferlab.training.protocol import train_strategy
 
-            seed = ctx.train_seed
-            src = ctx.load_source()
-            result = train_strategy(
-                get_strategy("adabn"),
-                cfg,
-                src,
-                ctx.data.images,
-                ctx.data.labels,
-                ctx.data.num_classes,
-                ctx.recipe("adabn", cfg),
-                seed=seed,
-                generator=seed_everything(seed, ctx.params.train.num_threads),
-                label="diagnose adabn",
+            res = ctx.protocol("adabn", like=None)  # adabn's own settings: it trains a head, not a backbone
+            models = [r.model for _, r in sorted(res.runs.items())]
+            after_rows = np.stack(
+                [
+                    predict_images(m, ctx.test_images, src.mean, src.std, device=ctx.device).argmax(1).numpy()
+                    for m in models
+                ]
             )
-            after = predict_images(result.model, ctx.test_images, src.mean, src.std, device=ctx.device)
-            after = after.argmax(1).numpy()
-            how = f"adabn (lr {cfg.lr:g}, the pipeline's recipe)"
-        return dx.remedy_outcome(
-            ctx.y,
-            ctx.preds["linear_probe"],
-            after,
-            ctx.n_bootstrap,
-            ctx.seed,
-            f"{how} vs linear_probe (same frozen backbone, BN statistics re-estimated exactly on the target)",
+            kind = "remedy"
+            how = (
+                f"adabn under the pipeline's protocol (lr {res.lr:g} chosen on validation, seeds {sorted(res.runs)}), "
+                f"against {lp} (same frozen backbone, BN statistics re-estimated on the target)"
+            )
+        dp = ctx.params.diagnose
+        before = finding["measured"]
+        after = dx.bn_gap_graded(
+            models,
+            ctx.probe("train"),
+            src.mean,
+            src.std,
+            threshold=dp.bn_gap_threshold,
+            n_bootstrap=ctx.n_bootstrap,
+            seed=ctx.seed,
             confidence=ctx.confidence,
+            device=ctx.device,
+        )
+        return dx.remedy_result(
+            kind,
+            how,
+            before=before,
+            after=after,
+            change=dx.difference(before, after) if after else None,
+            target=ctx.target_change(ctx.preds_by_seed[lp], after_rows),
         )

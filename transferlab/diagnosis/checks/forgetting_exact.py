@@ -4,9 +4,12 @@ source-task accuracy of the fine-tuned backbone with the source head, two ways:
 * as fine-tuned (weights AND BatchNorm statistics moved to the target): what a reused backbone does;
 * with the source's BatchNorm buffers (running mean/var) restored: the damage done by the weights alone.
 
-The gap between them is the share of forgetting due to the statistics. The fine-tune and the L2-SP remedy
-use the pipeline's recipe (params.train, finetune_full's lr and backbone_lr_mult). Also the learning-rate
-sweep (`lr_sensitivity`): the best rate is chosen on validation; test accuracy is reported only.
+The gap between them is the share of forgetting due to the statistics. The model measured is finetune_full
+trained from that source by the diagnosis under the pipeline's protocol (`ctx.protocol`: the rate chosen on
+validation, every seed of `train.seeds`); the drop is graded with its interval over source test images and
+seeds. The L2-SP remedy is trained the same way and re-graded against the same threshold. Also the
+learning-rate sweep (`lr_sensitivity`, on the same source): the best rate is chosen on validation; test
+accuracy is reported only.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import torch
 from transferlab.diagnosis import findings as dx
 from transferlab.diagnosis.checks import Check, DiagnosisContext, register_check
 from transferlab.models.inference import predict_images
-from transferlab.strategies import strategy_config
 
 
 def restore_bn_buffers(tuned: torch.nn.Module, source: torch.nn.Module) -> torch.nn.Module:
@@ -46,32 +48,61 @@ class ForgettingExact(Check):
         pdir = ctx.pretrained_dir / fs
         return np.load(pdir / "source_test_images.npy"), np.load(pdir / "source_test_labels.npy")
 
-    def _run(self, ctx: DiagnosisContext, kind: str, lr: float, epochs: int | None = None) -> dict:
-        key = (kind, lr, epochs)
+    def _predict(self, ctx: DiagnosisContext, model: torch.nn.Module) -> dict:
+        """Target test, source-task and source-task-with-the-source's-BN-statistics predictions of `model`."""
+        fs = ctx.params.diagnose.forgetting_source
+        base = ctx.load_source(fs)
+        head = copy.deepcopy(base.model.get_classifier())
+        s_images, _ = self._source_task(ctx)
+        dev = ctx.device
+        # Buffers copied before any model moves: restore_bn_buffers reads the source's on the CPU.
+        restored = restore_bn_buffers(model, base.model)
+        return {
+            "test_pred": predict_images(model, ctx.test_images, base.mean, base.std, device=dev).argmax(1).numpy(),
+            "source_pred": dx.source_head_predictions(model, head, s_images, base.mean, base.std, device=dev),
+            "source_pred_bn_restored": dx.source_head_predictions(
+                restored, head, s_images, base.mean, base.std, device=dev
+            ),
+        }
+
+    def _protocol_run(self, ctx: DiagnosisContext, kind: str, **overrides) -> dict:
+        """`kind` trained from the forgetting source under the pipeline's protocol; every seed's predictions
+        stacked (k_seeds, n)."""
+        key = (kind, tuple(sorted(overrides.items())))
         runs = ctx.cache.setdefault("forgetting_runs", {})
         if key not in runs:
-            fs = ctx.params.diagnose.forgetting_source
-            base = ctx.load_source(fs)
-            head = copy.deepcopy(base.model.get_classifier())
-            s_images, _ = self._source_task(ctx)
-            res = ctx.finetune_like(kind, lr, source=fs, epochs=epochs)
-            dev = ctx.device
-            # Buffers copied before any model moves: restore_bn_buffers reads the source's on the CPU.
-            restored = restore_bn_buffers(res.model, base.model)
+            res = ctx.protocol(kind, source=ctx.params.diagnose.forgetting_source, **overrides)
+            per_seed = [self._predict(ctx, run.model) for _, run in sorted(res.runs.items())]
             runs[key] = {
-                "val_accuracy": float(res.best_val_accuracy),
-                "test_pred": predict_images(res.model, ctx.test_images, base.mean, base.std, device=dev)
-                .argmax(1)
-                .numpy(),
-                "source_pred": dx.source_head_predictions(res.model, head, s_images, base.mean, base.std, device=dev),
-                "source_pred_bn_restored": dx.source_head_predictions(
-                    restored, head, s_images, base.mean, base.std, device=dev
-                ),
+                "lr": float(res.lr),
+                "seeds": sorted(res.runs),
+                "val_accuracy": [round(float(r.best_val_accuracy), 6) for _, r in sorted(res.runs.items())],
+                **{k: np.stack([p[k] for p in per_seed]) for k in per_seed[0]},
             }
         return runs[key]
 
-    def _default_lr(self, ctx: DiagnosisContext) -> float:
-        return float(strategy_config("finetune_full", ctx.params.strategies.get("finetune_full") or {}).lr)
+    def _sweep_run(self, ctx: DiagnosisContext, lr: float, epochs: int) -> dict:
+        key = ("sweep", lr, epochs)
+        runs = ctx.cache.setdefault("forgetting_runs", {})
+        if key not in runs:
+            res = ctx.finetune_like("finetune_full", lr, source=ctx.params.diagnose.forgetting_source, epochs=epochs)
+            runs[key] = {"val_accuracy": float(res.best_val_accuracy), **self._predict(ctx, res.model)}
+        return runs[key]
+
+    def _drop(self, ctx: DiagnosisContext, before: np.ndarray, after_rows: np.ndarray) -> dict:
+        """Source-task accuracy before - after (all seeds), graded against the drop threshold."""
+        _, s_labels = self._source_task(ctx)
+        g = dx._gain(s_labels, before[None, :], after_rows, ctx.n_bootstrap, ctx.seed, ctx.confidence)
+        return dx.graded(
+            g["gain"],
+            g["ci_low"],
+            g["ci_high"],
+            ctx.params.diagnose.forgetting_drop_threshold,
+            "above",
+            quantity="source-task accuracy drop (source head on the fine-tuned backbone), mean over seeds",
+            interval="paired bootstrap over source test images + Student-t seed term",
+            confidence=ctx.confidence,
+        )
 
     def measure(self, ctx: DiagnosisContext) -> list[dict]:
         dp = ctx.params.diagnose
@@ -80,52 +111,63 @@ class ForgettingExact(Check):
         base = ctx.load_source(fs)
         head = copy.deepcopy(base.model.get_classifier())
         before = dx.source_head_predictions(base.model, head, s_images, base.mean, base.std, device=ctx.device)
+        ctx.cache["forgetting_before"] = before
         acc_before = float((before == s_labels).mean())
-        lr = self._default_lr(ctx)
-        run = self._run(ctx, "finetune_full", lr)
+        run = self._protocol_run(ctx, "finetune_full")
+        drop = self._drop(ctx, before, run["source_pred"])
+        drop_bn = self._drop(ctx, before, run["source_pred_bn_restored"])
         after = float((run["source_pred"] == s_labels).mean())
         after_bn = float((run["source_pred_bn_restored"] == s_labels).mean())
-        cfg = strategy_config("finetune_full", ctx.params.strategies.get("finetune_full") or {})
         f = dx.finding(
             "catastrophic_forgetting",
-            f"{fs} -> finetune_full (exact: source task kept)",
-            acc_before - after > dp.forgetting_drop_threshold,
+            f"finetune_full on {fs} (diagnosis run; exact: source task kept)",
+            "ok",
             "warning",
             {
                 "source_accuracy_before": round(acc_before, 6),
                 "source_accuracy_after": round(after, 6),
-                "source_accuracy_drop": round(acc_before - after, 6),
+                "source_accuracy_drop": drop["value"],
                 "source_accuracy_after_bn_restored": round(after_bn, 6),
-                "source_accuracy_drop_bn_restored": round(acc_before - after_bn, 6),
+                "source_accuracy_drop_bn_restored": drop_bn["value"],
+                "source_accuracy_drop_bn_restored_interval": [drop_bn["ci_low"], drop_bn["ci_high"]],
                 "drop_due_to_bn_statistics": round(after_bn - after, 6),
-                "lr": lr,
-                "recipe": ctx.recipe("finetune_full", cfg).record(),
-                "seed": ctx.train_seed,
+                "lr": run["lr"],
+                "lr_chosen_on": "validation (the pipeline's protocol)",
+                "seeds": run["seeds"],
                 "source_test_samples": len(s_labels),
                 "threshold": dp.forgetting_drop_threshold,
             },
             "L2-SP (pull towards the source weights), a lower learning rate, or freezing early blocks; when "
             "restoring the source's BatchNorm statistics recovers most of the drop, keep a copy of them for the "
             "source task.",
+            measured=drop,
         )
         sweep = []
-        # Every rate, the pipeline's own included, gets the same short budget: rates trained for different
-        # numbers of epochs cannot be compared (the converged run above measures forgetting, not this).
-        for rate in sorted(set(dp.lr_sweep) | {lr}):
-            r = self._run(ctx, "finetune_full", rate, dp.sweep_epochs)
+        # Every rate, the protocol's own included, gets the same short budget: rates trained for different
+        # numbers of epochs cannot be compared (the protocol run above measures forgetting, not this).
+        for rate in sorted(set(dp.lr_sweep) | {run["lr"]}):
+            r = self._sweep_run(ctx, rate, dp.sweep_epochs)
             s_acc = float((r["source_pred"] == s_labels).mean())
             sweep.append(
                 {
                     "lr": rate,
                     "epochs": dp.sweep_epochs,
+                    "seed": ctx.train_seed,
                     "val_accuracy": round(r["val_accuracy"], 6),
                     "test_accuracy": round(float((r["test_pred"] == ctx.y).mean()), 6),
+                    "source_accuracy_before": round(acc_before, 6),
                     "source_accuracy_after": round(s_acc, 6),
                     "source_accuracy_drop": round(acc_before - s_acc, 6),
                 }
             )
         lr_f = dx.lr_sensitivity(
-            sweep, spread_threshold=dp.lr_spread_threshold, forgetting_threshold=dp.forgetting_drop_threshold
+            sweep,
+            spread_threshold=dp.lr_spread_threshold,
+            forgetting_threshold=dp.forgetting_drop_threshold,
+            subject=f"finetune_full on {fs} (short runs, seed {ctx.train_seed})",
+            n_val=len(ctx.data.labels["val"]),
+            n_source=len(s_labels),
+            confidence=ctx.confidence,
         )
         return [f, lr_f]
 
@@ -133,25 +175,22 @@ class ForgettingExact(Check):
         if finding["type"] != "catastrophic_forgetting":
             return None
         _, s_labels = self._source_task(ctx)
-        lr = finding["evidence"]["lr"]
-        plain, l2sp = self._run(ctx, "finetune_full", lr), self._run(ctx, "l2sp", lr)
-        out = dx.remedy_outcome(
-            s_labels,
-            plain["source_pred"],
-            l2sp["source_pred"],
-            ctx.n_bootstrap,
-            ctx.seed,
-            f"l2sp (alpha={ctx.params.diagnose.l2sp_alpha}, AdamW variant: not the paper's SGD with momentum) "
-            f"at lr {lr:g}, the pipeline's recipe",
-            metric="source-task accuracy",
-            confidence=ctx.confidence,
+        alpha = ctx.params.diagnose.l2sp_alpha
+        plain = self._protocol_run(ctx, "finetune_full")
+        l2sp = self._protocol_run(ctx, "l2sp", alpha=alpha)
+        after = self._drop(ctx, ctx.cache["forgetting_before"], l2sp["source_pred"])
+        # drop_after - drop_before = accuracy_plain - accuracy_l2sp on the same source images: paired.
+        change = dx._gain(
+            s_labels, plain["source_pred"], l2sp["source_pred"], ctx.n_bootstrap, ctx.seed, ctx.confidence
         )
-        t = dx.remedy_outcome(
-            ctx.y, plain["test_pred"], l2sp["test_pred"], ctx.n_bootstrap, ctx.seed, "l2sp", confidence=ctx.confidence
+        return dx.remedy_result(
+            "remedy",
+            f"l2sp (alpha={alpha}, AdamW variant: not the paper's SGD with momentum) on "
+            f"{ctx.params.diagnose.forgetting_source} under the pipeline's protocol: lr {l2sp['lr']:g} chosen on "
+            f"validation, seeds {l2sp['seeds']}",
+            before=finding["measured"],
+            after=after,
+            change=change,
+            target=ctx.target_change(plain["test_pred"], l2sp["test_pred"]),
+            note=f"validation accuracy by seed {plain['val_accuracy']} -> {l2sp['val_accuracy']}",
         )
-        out["note"] = (
-            f"target test accuracy {t['before']:.3f} -> {t['after']:.3f} ({t['verdict']}); validation "
-            f"{plain['val_accuracy']:.3f} -> {l2sp['val_accuracy']:.3f}"
-        )
-        out["target_test_change"] = t["change"]
-        return out

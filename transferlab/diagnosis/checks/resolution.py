@@ -5,7 +5,7 @@ Source size: the `pretrain.<name>.image_size` of an in-pipeline source, else tim
 Remedy when the target is below `diagnose.resolution_ratio_threshold` of it: features of the frozen source
 at a larger size (target images upsampled bilinearly to min(source size, resolution_upsample_factor x
 target size)), the same logistic-regression probe fit on train features at both sizes; validation accuracy
-decides, test accuracy is reported with its CI.
+decides, test accuracy is reported with its CI beside the re-graded ratio.
 """
 
 from __future__ import annotations
@@ -96,19 +96,27 @@ class Resolution(Check):
         )
         y_val = ctx.data.labels["val"]
         val_before, val_after = float((before["val"] == y_val).mean()), float((after["val"] == y_val).mean())
-        out = dx.remedy_outcome(
-            ctx.y,
-            before["test"],
-            after["test"],
-            ctx.n_bootstrap,
-            ctx.seed,
-            f"frozen {ctx.selected} features at {big} px (upsampled) vs {native} px, logistic-regression probe",
-            confidence=ctx.confidence,
+        m = finding["measured"]
+        ratio_after = dx.graded(
+            big / finding["evidence"]["source_input_size"],
+            None,
+            None,
+            m["threshold"],
+            m["direction"],
+            quantity=m["quantity"],
+            interval=m["interval"],
         )
-        out["val_before"], out["val_after"] = round(val_before, 6), round(val_after, 6)
         choice = "upsample" if val_after > val_before else "keep the native size"
-        out["note"] = f"validation {val_before:.3f} -> {val_after:.3f}: validation says {choice}"
-        return out
+        return dx.remedy_result(
+            "remedy",
+            f"frozen {ctx.selected} features at {big} px (upsampled) vs {native} px, the same logistic-regression "
+            "probe (deterministic: no training seeds)",
+            before=m,
+            after=ratio_after,
+            change=dx.difference(m, ratio_after),
+            target=ctx.target_change(before["test"], after["test"]),
+            note=f"validation {val_before:.3f} -> {val_after:.3f}: validation says {choice}",
+        )
 
     @staticmethod
     def _labels(ctx: DiagnosisContext) -> dict[str, np.ndarray]:

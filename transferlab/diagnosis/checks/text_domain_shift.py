@@ -5,7 +5,8 @@ Evidence, target (the prepared train texts) against a general-English reference 
 - the surface of social-media text: emoji, hashtag, mention, URL, non-ASCII and elongated-word rates;
 - MMD (permutation test) and the proxy A-distance between the selected source's embeddings of both.
 
-Flagged like the image check: MMD p < 0.05 and proxy A-distance above `diagnose.pad_threshold`. Remedies, each
+Flagged like the image check: MMD p < 0.05 and proxy A-distance above `diagnose.pad_threshold`. The finding
+names the user's data in their words (`data_name`: the dataset, or the file `data.path` names). Remedies, each
 run before/after on the target test split:
 - normalisation (`transferlab.diagnosis.text_measures.normalise`: URLs, mentions, hashtags, emoji names,
   mis-decoded bytes, elongations): the same probe (standardised features + logistic regression, C chosen on validation)
@@ -22,6 +23,17 @@ from transferlab.diagnosis import findings as dx
 from transferlab.diagnosis.checks import Check, DiagnosisContext, register_check
 
 PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0)
+
+
+def data_name(ctx: DiagnosisContext) -> str:
+    """The user's data in their own words: the dataset the params name (`tweets`), or the file or folder they
+    pointed `data.path` at (a CSV of another task is named by its file, never called tweets)."""
+    from pathlib import Path
+
+    d = ctx.params.data
+    if d.path:
+        return f"texts of {Path(d.path).name}" if d.dataset == "csv" else Path(d.path).name
+    return str(d.dataset)
 
 
 def probe_predictions(
@@ -106,23 +118,36 @@ class TextDomainShift(Check):
         evidence = {
             "measure": "text",
             **shift,
+            "data": data_name(ctx),
             "target_texts": len(target),
             "reference_texts": len(reference),
             "reference_corpus": "Debian fortunes (general-English quotations)",
             "pad_threshold": dp.pad_threshold,
         }
-        return [
-            dx.finding(
-                "domain_shift",
-                f"{ctx.selected} (tweets vs general English)",
-                flagged,
-                "warning",
-                evidence,
-                "Normalise the texts (URLs, mentions, hashtags, emoji, mis-decoded bytes) before tokenizing, or "
-                "start from a source adapted to the domain (a `dapt` entry of `pretrain`: masked-LM on your "
-                "unlabeled texts).",
-            )
-        ]
+        f = dx.finding(
+            "domain_shift",
+            f"{ctx.selected} ({data_name(ctx)} vs general English)",
+            flagged,
+            "warning",
+            evidence,
+            "Normalise the texts (URLs, mentions, hashtags, emoji, mis-decoded bytes) before tokenizing, or "
+            "start from a source adapted to the domain (a `dapt` entry of `pretrain`: masked-LM on your "
+            "unlabeled texts).",
+        )
+        f["measured"] = self._pad(shift["proxy_a_distance"], dp.pad_threshold)
+        return [f]
+
+    @staticmethod
+    def _pad(pad: float, threshold: float) -> dict:
+        return dx.graded(
+            pad,
+            None,
+            None,
+            threshold,
+            "above",
+            quantity="proxy A-distance, source embeddings of the target texts vs general English",
+            interval="none: one held-out classifier (flagged only with the MMD permutation test's p < 0.05 too)",
+        )
 
     def remedy(self, ctx: DiagnosisContext, finding: dict) -> dict | None:
         from transferlab.diagnosis.text_measures import normalise
@@ -135,23 +160,25 @@ class TextDomainShift(Check):
         norm = {s: self._embed(ctx, norm_texts[s]) for s in texts}
         before, val_before = probe_predictions(raw, labels, ctx.seed)
         after, val_after = probe_predictions(norm, labels, ctx.seed)
-        out = dx.remedy_outcome(
-            ctx.y,
-            before[rows],
-            after[rows],
-            ctx.n_bootstrap,
-            ctx.seed,
-            f"text normalisation, {ctx.selected} embeddings + logistic-regression probe (C on validation)",
-            confidence=ctx.confidence,
-        )
         reference, ref_feats = self._reference(ctx)
         shifted = self._shift(ctx, norm_texts["train"], reference, ref_feats, norm["train"])
         t0, t1 = finding["evidence"]["target"], shifted["target"]
-        out["note"] = (
-            f"validation {val_before:.3f} -> {val_after:.3f}; after normalisation: unknown-token rate "
-            f"{t0['unknown_token_rate']:.4f} -> {t1['unknown_token_rate']:.4f}, pieces per word "
-            f"{t0['pieces_per_word']:.3f} -> {t1['pieces_per_word']:.3f}, proxy A-distance "
-            f"{finding['evidence']['proxy_a_distance']:.3f} -> {shifted['proxy_a_distance']:.3f}"
+        m = finding["measured"]
+        pad_after = self._pad(shifted["proxy_a_distance"], m["threshold"])
+        out = dx.remedy_result(
+            "remedy",
+            f"text normalisation, {ctx.selected} embeddings + logistic-regression probe (C on validation), the shift "
+            "re-measured on the normalised texts",
+            before=m,
+            after=pad_after,
+            change=dx.difference(m, pad_after),
+            target=ctx.target_change(before[rows][None, :], after[rows][None, :]),
+            note=(
+                f"validation {val_before:.3f} -> {val_after:.3f}; unknown-token rate "
+                f"{t0['unknown_token_rate']:.4f} -> {t1['unknown_token_rate']:.4f}, pieces per word "
+                f"{t0['pieces_per_word']:.3f} -> {t1['pieces_per_word']:.3f}; MMD p "
+                f"{finding['evidence']['mmd_p_value']:.3f} -> {shifted['mmd_p_value']:.3f}"
+            ),
         )
         out["shift_after_normalisation"] = shifted
         adapted = self._adapted(ctx)
@@ -173,13 +200,13 @@ class TextDomainShift(Check):
         for name in adapted:
             a, b = f"linear_probe:{ctx.selected}", f"linear_probe:{name}"
             if a in ctx.candidates and b in ctx.candidates:
-                return dx.remedy_outcome(
-                    ctx.y,
-                    ctx.candidates[a],
-                    ctx.candidates[b],
-                    ctx.n_bootstrap,
-                    ctx.seed,
-                    f"domain-adapted source {name} (masked-LM on the unlabeled target texts), converged linear probe",
-                    confidence=ctx.confidence,
+                return dx.remedy_result(
+                    "evidence",
+                    f"domain-adapted source {name} (masked-LM on the unlabeled target texts) against {ctx.selected}, "
+                    "the agreement stage's converged linear probes (two existing models compared)",
+                    before=None,
+                    after=None,
+                    change=None,
+                    target=ctx.target_change(ctx.candidates[a][None, :], ctx.candidates[b][None, :]),
                 )
         return None

@@ -7,9 +7,9 @@ encoder. Reported per fine-tuned strategy: the Spearman correlation of the two s
 geometry kept), and the fraction of passages whose nearest neighbour is unchanged. Flagged below
 `diagnose.similarity_threshold`.
 
-Remedies (the issue's pair), run for the flagged full fine-tune: L2-SP trained with the pipeline's recipe at
-finetune_full's chosen rate (similarity kept and target test accuracy, before/after), and LoRA, whose
-trained model is measured the same way when it is listed.
+Every seed's model is measured; the mean over seeds carries a Student-t interval over the seeds. Remedy, for
+the flagged full fine-tune: L2-SP trained under the pipeline's protocol (rate on validation, every seed), the
+similarity re-measured and re-graded, beside the target test accuracy; LoRA, when listed, has its own finding.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class TextForgetting(Check):
         return [
             n
             for n in sorted(ctx.params.strategies)
-            if strategy_config(n, ctx.params.strategies[n]).kind in TUNED and n in ctx.preds
+            if strategy_config(n, ctx.params.strategies[n]).kind in TUNED and n in ctx.preds_by_seed
         ]
 
     def applies(self, ctx: DiagnosisContext) -> bool:
@@ -78,62 +78,80 @@ class TextForgetting(Check):
             ctx.cache["source_embeddings"] = self._embed(ctx, ctx.load_source().model)
         return ctx.cache["source_embeddings"]
 
+    def _kept(self, ctx: DiagnosisContext, models: list, threshold: float) -> tuple[dict, list[dict]]:
+        """Similarity kept by each seed's model; the mean over seeds graded with a Student-t interval over the
+        seeds (one seed: no interval, graded on the value)."""
+        from scipy.stats import t
+
+        before = self._source_embeddings(ctx)
+        per_seed = [similarity_kept(before, self._embed(ctx, m)) for m in models]
+        v = np.array([k["similarity_spearman"] for k in per_seed])
+        half = (
+            float(t.ppf(0.5 + ctx.confidence / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
+        )
+        mean = float(v.mean())
+        graded = dx.graded(
+            mean,
+            mean - half if half is not None else None,
+            mean + half if half is not None else None,
+            threshold,
+            "below",
+            quantity="Spearman correlation of pairwise sentence similarities, source vs fine-tuned, mean over seeds",
+            interval="Student-t over seeds" if half is not None else "none (one seed)",
+            confidence=ctx.confidence,
+        )
+        return graded, per_seed
+
     def measure(self, ctx: DiagnosisContext) -> list[dict]:
         dp = ctx.params.diagnose
-        before = self._source_embeddings(ctx)
         findings = []
         for name in self._tuned(ctx):
-            kept = similarity_kept(before, self._embed(ctx, ctx.load_strategy_model(name)))
-            ctx.cache.setdefault("kept", {})[name] = kept
+            measured, per_seed = self._kept(ctx, ctx.load_strategy_models(name), dp.similarity_threshold)
             findings.append(
                 dx.finding(
                     "catastrophic_forgetting",
-                    f"{ctx.selected} -> {name} (sentence similarity on general English)",
-                    kept["similarity_spearman"] < dp.similarity_threshold,
+                    f"{name} on {ctx.selected} (sentence similarity on general English)",
+                    "ok",
                     "warning",
                     {
                         "measure": "text_similarity",
-                        **kept,
-                        "reference_texts": len(before),
+                        "similarity_spearman": measured["value"],
+                        "nearest_neighbour_kept": round(
+                            float(np.mean([k["nearest_neighbour_kept"] for k in per_seed])), 6
+                        ),
+                        "per_seed": per_seed,
+                        "reference_texts": len(self._source_embeddings(ctx)),
                         "reference_corpus": "Debian fortunes (general-English quotations)",
                         "threshold": dp.similarity_threshold,
-                        "seed": ctx.train_seed,
+                        "strategy": name,
                     },
                     "L2-SP (pull towards the source weights) or LoRA (the source weights stay frozen), or a "
                     "lower encoder learning rate; keep the source model for the similarity task.",
+                    measured=measured,
                 )
             )
         return findings
 
     def remedy(self, ctx: DiagnosisContext, finding: dict) -> dict | None:
-        name = finding["subject"].split(" -> ")[1].split(" ")[0]
-        if name != "finetune_full":
+        name = finding["evidence"]["strategy"]
+        if ctx.kind_of(name) != "finetune_full":
             return None
-        from transferlab.core.io import read_json
         from transferlab.models.inference import predict_images
 
-        lr = float(read_json(ctx.train_metrics_dir / f"{name}.json")["lr"]) if ctx.train_metrics_dir else None
-        lr = lr or float(dict(ctx.params.strategies[name] or {}).get("lr", 1e-3))
-        res = ctx.finetune_like("l2sp", lr)
+        res = ctx.protocol("l2sp", alpha=ctx.params.diagnose.l2sp_alpha)
+        models = [r.model for _, r in sorted(res.runs.items())]
         src = ctx.load_source()
-        after_pred = predict_images(res.model, ctx.test_images, src.mean, src.std, device=ctx.device).argmax(1).numpy()
-        kept = similarity_kept(self._source_embeddings(ctx), self._embed(ctx, res.model))
-        out = dx.remedy_outcome(
-            ctx.y,
-            ctx.preds[name],
-            after_pred,
-            ctx.n_bootstrap,
-            ctx.seed,
-            f"l2sp (alpha={ctx.params.diagnose.l2sp_alpha}, AdamW variant) at finetune_full's rate {lr:g}, "
-            "the pipeline's recipe",
-            confidence=ctx.confidence,
+        after_rows = np.stack(
+            [predict_images(m, ctx.test_images, src.mean, src.std, device=ctx.device).argmax(1).numpy() for m in models]
         )
-        out["similarity_spearman_before"] = finding["evidence"]["similarity_spearman"]
-        out["similarity_spearman_after"] = kept["similarity_spearman"]
-        out["nearest_neighbour_kept_after"] = kept["nearest_neighbour_kept"]
-        lora = {n: k for n, k in ctx.cache.get("kept", {}).items() if n.startswith("lora")}
-        out["note"] = f"similarity kept (Spearman) {finding['evidence']['similarity_spearman']:.3f} -> " + (
-            f"{kept['similarity_spearman']:.3f} with L2-SP"
-            + "".join(f"; {n} (frozen source weights): {k['similarity_spearman']:.3f}" for n, k in lora.items())
+        before = finding["measured"]
+        after, _ = self._kept(ctx, models, before["threshold"])
+        return dx.remedy_result(
+            "remedy",
+            f"l2sp (alpha={ctx.params.diagnose.l2sp_alpha}, AdamW variant) under the pipeline's protocol: lr "
+            f"{res.lr:g} chosen on validation, seeds {sorted(res.runs)}",
+            before=before,
+            after=after,
+            change=dx.difference(before, after),
+            target=ctx.target_change(ctx.preds_by_seed[name], after_rows),
         )
-        return out

@@ -1,4 +1,5 @@
-"""Check `training_failed`: a run that stayed at chance, whose loss never fell, or that diverged."""
+"""Check `training_failed`: one finding per strategy, every seed's run judged by the train stage's rule: a run
+that stayed at chance, whose loss never fell, or that diverged."""
 
 from __future__ import annotations
 
@@ -40,9 +41,11 @@ class TrainingFailed(Check):
             histories = layout.read_histories(ctx.history_dir / name)
             path = ctx.train_metrics_dir / f"{name}.json" if ctx.train_metrics_dir else None
             records = per_seed_records(read_json(path)) if path and path.is_file() else {}
+            runs = {}
             for seed in sorted(set(histories) | {s for s in records if s >= 0}):
                 hist = histories[seed].to_dict("records") if seed in histories else []
                 hist = [{k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))} for r in hist]
-                record = records.get(seed, records.get(-1, {}))
-                out.append(dx.training_failed(name, seed, hist, record, ctx.data.num_classes))
+                runs[seed] = (hist, records.get(seed, records.get(-1, {})))
+            if runs:  # one finding per model, every seed judged
+                out.append(dx.training_failed(name, runs, ctx.data.num_classes))
         return out
