@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
 
-.PHONY: repro-full repro-text textdata browser bad-inputs-doc faults gpu-check postgres tracking-server tracking-server-stop
+.PHONY: repro-curve repro-full repro-text textdata browser bad-inputs-doc faults gpu-check postgres tracking-server tracking-server-stop
 .PHONY: setup repro test test-fast lint format dataset clean-outputs bench bench-scaling review
 
 setup: $(STAMP)
@@ -36,6 +36,12 @@ dataset:
 
 repro: setup dataset
 	$(VENV)/bin/dvc repro
+
+# The label-budget sweep (curve/dvc.yaml; README "Label budgets"): every strategy of curve.strategies and the
+# classical baseline at each curve.labels_per_class, then the fits and answers (metrics/curve.json,
+# plots/curve.png, reports/curve.md). Runs the root stages it needs first; a plain `make repro` never runs it.
+repro-curve: setup dataset
+	$(VENV)/bin/dvc repro curve/dvc.yaml
 
 # The full profile: everything the default leaves out to stay under 15 minutes on 2 CPU cores (64 px,
 # 100 labels per class, 3 seeds, every registered strategy, a converged fine-tune as a second ground

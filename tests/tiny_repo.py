@@ -31,9 +31,10 @@ def sh(*cmd: str, cwd: Path, check: bool = True) -> str:
 
 
 def copy_project(repo: Path) -> Path:
-    """The pipeline's files (dvc.yaml, stages, the library, ignore files) copied into `repo`."""
+    """The pipeline's files (dvc.yaml, the opt-in curve/dvc.yaml, stages, the library, ignore files) copied into
+    `repo`."""
     repo.mkdir(parents=True, exist_ok=True)
-    for item in ("dvc.yaml", "stages", "transferlab", ".dvcignore", ".gitignore"):
+    for item in ("dvc.yaml", "curve", "stages", "transferlab", ".dvcignore", ".gitignore"):
         src = ROOT / item
         if src.is_dir():
             shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))

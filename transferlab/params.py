@@ -356,6 +356,58 @@ class BaselineParams(Section):
         return value
 
 
+# The sweep's strategies when `curve.strategies` is null: the linear probe, the full fine-tune and scratch.
+CURVE_DEFAULT_STRATEGIES = ("linear_probe", "finetune_full", "scratch")
+
+
+class CurveParams(Section):
+    """The opt-in label-budget sweep (`curve/dvc.yaml`, `make repro-curve`): learning curves of test error against
+    labels per class, fitted with a saturating power law, and the answers read off them (docs/architecture.md)."""
+
+    # Nested subsets of the prepared train split (and, above data.train_per_class, of the raw data set's unused
+    # images); validation and test stay the prepared ones at every budget.
+    labels_per_class: list[int] = Field(
+        [10, 25, 50, 100], min_length=1, description="label budgets (training images per class), one curve-point@ each"
+    )
+    # Keys of `strategies`; the classical baseline (`baseline.model`) is always measured too. null: those of
+    # CURVE_DEFAULT_STRATEGIES listed under `strategies` (a profile without finetune_full stays valid).
+    strategies: list[str] | None = Field(
+        None, min_length=1, description="keys of `strategies` to sweep; null: linear_probe, finetune_full, scratch"
+    )
+    seeds: list[int] | None = Field(None, description="training seeds at every budget; null: train.seeds")
+    target_accuracy: float | None = Field(
+        None, gt=0, lt=1, description="accuracy whose label cost is reported; null: best at the largest budget - margin"
+    )
+    target_margin: float = Field(0.02, ge=0, lt=1, description="null target: best accuracy measured minus this")
+    # Beyond this factor past the largest budget measured, a fitted curve is not trusted (Hernandez et al. 2021
+    # extrapolate within about one order of magnitude; 4x keeps inside half of one).
+    extrapolation_factor: float = Field(4.0, gt=1, description="answers beyond F x the largest budget are not given")
+    n_bootstrap: int = Field(1000, ge=50, description="bootstrap replicates (test samples and seeds) of every answer")
+    min_points_for_fit: int = Field(3, ge=3, description="budgets needed before a 3-parameter curve is fitted")
+
+    @field_validator("labels_per_class")
+    @classmethod
+    def _budgets(cls, value: list[int]) -> list[int]:
+        if any(v < 1 for v in value):
+            raise ValueError(f"every budget must be >= 1 label per class (got {value})")
+        if len(set(value)) != len(value):
+            raise ValueError(f"budgets must be distinct (got {value})")
+        return sorted(value)
+
+    def resolved_strategies(self, listed: dict[str, Any]) -> list[str]:
+        """The strategies swept: `strategies`, or CURVE_DEFAULT_STRATEGIES that are keys of `listed`."""
+        if self.strategies is not None:
+            return list(self.strategies)
+        return [n for n in CURVE_DEFAULT_STRATEGIES if n in listed]
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError(f"must be null or distinct seeds (got {value})")
+        return value
+
+
 class CompareParams(Section):
     n_bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples of the test set")
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
@@ -449,6 +501,7 @@ class Params(Section):
     baseline: BaselineParams = BaselineParams()
     diagnose: DiagnoseParams = DiagnoseParams()
     compare: CompareParams = CompareParams()
+    curve: CurveParams = CurveParams()
 
     @field_validator("sources", "strategies")
     @classmethod
@@ -492,6 +545,24 @@ class Params(Section):
             raise ValueError(
                 f"diagnose.forgetting_source: '{fs}' must be a `pipeline` source listed under `sources` "
                 f"(pipeline sources: {sorted(n for n, s in self.sources.items() if s.kind == 'pipeline')}), or null"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _curve_checks(self) -> Params:
+        chosen = self.curve.strategies or []
+        unknown = [n for n in chosen if n not in self.strategies]
+        if unknown:
+            raise ValueError(
+                f"curve.strategies: {unknown} not key(s) of `strategies` (valid: {sorted(self.strategies)}): "
+                "add them under `strategies` or remove them from curve.strategies"
+            )
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"curve.strategies: {chosen} lists a strategy twice")
+        if self.curve.strategies is None and not self.curve.resolved_strategies(self.strategies):
+            raise ValueError(
+                f"curve.strategies: null means {list(CURVE_DEFAULT_STRATEGIES)}, and none is under `strategies`: "
+                "list the strategies to sweep"
             )
         return self
 
