@@ -43,7 +43,10 @@ from transferlab.training.rules import (
     best_row,
 )
 
-INTERVAL_COVERS = "test samples (paired bootstrap) and training seeds (resampled with replacement per model)"
+INTERVAL_COVERS = (
+    "test samples (paired bootstrap, every seed kept) and training seeds (a Student-t term on the seed-to-seed "
+    "spread, Welch degrees of freedom: wide with 2 seeds a side)"
+)
 
 
 CLASSICAL_NAMES = {

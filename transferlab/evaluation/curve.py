@@ -397,6 +397,15 @@ def _num(answer: dict) -> float | None:
     return float(v) if isinstance(v, int | float) else None
 
 
+def _bound(v: object) -> str:
+    """An interval bound in words: a number of labels rounded to one, or the sentence that replaces it."""
+    return f"{float(v):.0f}" if isinstance(v, int | float) else str(v)
+
+
+def _ci(answer: dict) -> str:
+    return f"[{_bound(answer['ci_low'])}, {_bound(answer['ci_high'])}]"
+
+
 def headline(result: dict) -> list[str]:
     """The answers in words, one line per transfer strategy (what the report leads with)."""
     lines = []
@@ -406,16 +415,12 @@ def headline(result: dict) -> list[str]:
         for b in budgets:
             ans = by_budget[str(b)]
             if _num(ans) is not None:
-                words.append(
-                    f"transfer is worth ~{_num(ans):.0f} [{ans['ci_low']}, {ans['ci_high']}] labels per class at {b}"
-                )
+                words.append(f"transfer is worth ~{_num(ans):.0f} {_ci(ans)} labels per class at {b}")
         if not words:
             words.append(f"effective data transferred: {by_budget[str(budgets[-1])]['value']}")
         cross = result["crossover_vs_scratch"].get(s, {})
         if _num(cross) is not None:
-            words.append(
-                f"{scratch} catches up at ~{_num(cross):.0f} [{cross['ci_low']}, {cross['ci_high']}] per class"
-            )
+            words.append(f"{scratch} catches up at ~{_num(cross):.0f} {_ci(cross)} per class")
         elif cross:
             words.append(f"{scratch} catching up: {cross['value']}")
         lines.append(f"{s}: " + "; ".join(words))
@@ -432,6 +437,6 @@ def headline(result: dict) -> list[str]:
             )
             lines.append(
                 f"the classical baseline ({result['classical']}) matches {s} from ~{_num(cross):.0f} "
-                f"[{cross['ci_low']}, {cross['ci_high']}] labels per class{early}"
+                f"{_ci(cross)} labels per class{early}"
             )
     return lines

@@ -97,7 +97,7 @@ def curve_markdown(result: dict) -> str:
         f"Nothing is read beyond {result['extrapolation_factor']:g}x the largest budget "
         f"({result['extrapolation_limit']:g} per class).",
         "",
-        "## Test accuracy (mean over seeds, +-1.96 SE)",
+        "## Test accuracy (mean over seeds, +-1.96 SE; * under-trained: a seed did not converge)",
         "",
         "| model | " + " | ".join(str(b) for b in budgets) + " |",
         "|---|" + "---|" * len(budgets),
@@ -106,7 +106,8 @@ def curve_markdown(result: dict) -> str:
         cells = []
         for b in budgets:
             pt = result["points"][m][str(b)]
-            cells.append(f"{pt['test_accuracy']:.3f} +-{Z95 * pt['test_accuracy_se']:.3f}")
+            mark = "*" if pt.get("converged") is False else ""
+            cells.append(f"{pt['test_accuracy']:.3f}{mark} +-{Z95 * pt['test_accuracy_se']:.3f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     for title, key in (("Gain vs scratch", "gain_vs_scratch"), ("Gain vs the classical baseline", "gain_vs_classical")):
         if not result.get(key):
