@@ -1,4 +1,4 @@
-"""Stage `curve` (curve/dvc.yaml, opt-in): the learning curves of the label-budget sweep and what they answer.
+"""Stage `curve` (curve/pipeline.yaml, opt-in): the learning curves of the label-budget sweep and what they answer.
 
 Reads every `curve-point@<budget>` (and, for the default budget, the root pipeline's predictions/ and
 metrics/train/), fits a saturating power law per strategy with a goodness-of-fit check, and answers with

@@ -1,4 +1,4 @@
-"""Stage `curve-point@<budget>` (curve/dvc.yaml, opt-in): every strategy of `curve.strategies` and the classical
+"""Stage `curve-point@<budget>` (curve/pipeline.yaml, opt-in): every strategy of `curve.strategies` and the classical
 baseline trained on `budget` labels per class, tested on the fixed test split.
 
 The training subset is nested in every larger budget's, stratified and seeded (`transferlab.data.budgets`); the

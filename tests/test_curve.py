@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -246,6 +247,7 @@ def test_tiny_sweep_through_dvc_repro(tmp_path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["curve"].update(labels_per_class=[3, 6], strategies=["linear_probe"], n_bootstrap=50)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(repo / "curve" / "pipeline.yaml", repo / "curve" / "dvc.yaml")  # what `make repro-curve` does
     sh(sys.executable, "-m", "dvc", "repro", "curve/dvc.yaml", cwd=repo)
     out = json.loads((repo / "metrics/curve.json").read_text())
     for key in (

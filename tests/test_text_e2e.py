@@ -71,13 +71,20 @@ def test_text_diagnosis_measures_shift_and_forgetting_the_text_way(repo):
     assert e["measure"] == "text" and e["target"]["mention_rate"] > e["reference"]["mention_rate"]
     assert e["target"]["pieces_per_word"] > 0 and 0 <= e["mmd_p_value"] <= 1
     remedy = shift["remedy_result"]
-    assert remedy["remedy_run"].startswith("text normalisation") and "shift_after_normalisation" in remedy
-    assert remedy["alternatives"][0]["remedy_run"].startswith("domain-adapted source minilm_dapt")
+    assert remedy["kind"] == "remedy" and remedy["run"].startswith("text normalisation")
+    assert "shift_after_normalisation" in remedy and remedy["outcome"] is not None
+    alt = remedy["alternatives"][0]
+    assert alt["run"].startswith("domain-adapted source minilm_dapt") and alt["kind"] == "evidence"
     forgetting = [f for f in diagnosis["findings"] if f["type"] == "catastrophic_forgetting"]
-    assert {f["subject"].split(" -> ")[1].split(" ")[0] for f in forgetting} == {"finetune_full", "lora"}
-    full = next(f for f in forgetting if "finetune_full" in f["subject"])
-    assert full["evidence"]["measure"] == "text_similarity" and full["remedy_result"]["remedy_run"].startswith("l2sp")
-    assert "similarity_spearman_after" in full["remedy_result"]
+    assert {f["subject"].split(" on ")[0] for f in forgetting} == {"finetune_full", "lora"}
+    full = next(f for f in forgetting if f["subject"].startswith("finetune_full"))
+    assert full["evidence"]["measure"] == "text_similarity"
+    m = full["measured"]
+    # graded with its interval: undetermined exactly when the interval straddles the threshold
+    straddles = m["ci_low"] <= m["threshold"] <= m["ci_high"]
+    assert (full["status"] == "undetermined") == straddles
+    if full["flagged"]:
+        assert full["remedy_result"]["run"].startswith("l2sp")
     negative = [f for f in diagnosis["findings"] if f["type"] == "negative_transfer"]
     assert all(set(f["evidence"]["gain_vs"]) == {"scratch", "tfidf_logreg"} for f in negative)
     html = (repo / "reports/report.html").read_text()
