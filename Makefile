@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
 
-.PHONY: repro-curve repro-full repro-text textdata browser bad-inputs-doc faults gpu-check postgres tracking-server tracking-server-stop
+.PHONY: repro-curve repro-deploy repro-full repro-text textdata browser bad-inputs-doc faults gpu-check postgres tracking-server tracking-server-stop
 .PHONY: setup repro test test-fast lint format dataset clean-outputs bench bench-scaling review
 
 setup: $(STAMP)
@@ -44,6 +44,14 @@ repro: setup dataset
 repro-curve: setup dataset
 	cp curve/pipeline.yaml curve/dvc.yaml
 	$(VENV)/bin/dvc repro curve/dvc.yaml
+
+# The deployment study (deploy/pipeline.yaml, put in place as the untracked deploy/dvc.yaml, like the sweep;
+# README "Deployment shift"): deployment images (deploy.data: the built-in corrupted held-out images, or a folder),
+# DANN trained on them without labels, then shift, label-free accuracy estimates, AdaBN and DANN before/after
+# (metrics/deployment.json, reports/deployment.md). Runs the root stages it needs first.
+repro-deploy: setup dataset
+	cp deploy/pipeline.yaml deploy/dvc.yaml
+	$(VENV)/bin/dvc repro deploy/dvc.yaml
 
 # The full profile: everything the default leaves out to stay under 15 minutes on 2 CPU cores (64 px,
 # 100 labels per class, 3 seeds, every registered strategy, a converged fine-tune as a second ground

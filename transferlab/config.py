@@ -113,3 +113,5 @@ def check_registries(params: Params) -> None:
                 f"'{params.data.dataset}' is {modality}: remove it from this profile"
             )
     check_tune_spaces(params.tune.strategies, params.tune.space, params.strategies)
+    if params.deploy.dann is not None and "dann" in STRATEGIES:  # the deployment study's DANN entry
+        strategy_config("deploy.dann", {"kind": "dann", **params.deploy.dann})

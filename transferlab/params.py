@@ -408,6 +408,80 @@ class CurveParams(Section):
         return value
 
 
+# Corruption families of the built-in deployment domain (transferlab.data.deployment.CORRUPTIONS), listed here so
+# that validation imports nothing.
+CORRUPTION_FAMILIES = ("gaussian_noise", "gaussian_blur", "contrast", "brightness", "pixelate")
+
+
+class DeployDataParams(Section):
+    """Where the deployment images come from: unlabelled images the model will meet (labels, when present, are
+    stored apart and read only where the test split is read: to check, never to choose)."""
+
+    # corrupted: the target data set's own unused images (never train/val/test) under corruption families at a
+    # severity (Hendrycks & Dietterich 2019): offline, and with labels, so every prediction can be checked.
+    # folder: a user's folder of images; flat = unlabelled, class sub-folders named like the classes = labelled.
+    kind: Literal["corrupted", "folder"] = Field("corrupted", description="corrupted (built-in) | folder")
+    path: str | None = Field(None, description="folder: the deployment images (flat, or class sub-folders)")
+    # A folder with class sub-folders is labelled; `none` ignores them (every image unlabelled).
+    labels: Literal["auto", "none"] = Field("auto", description="folder: auto = class sub-folders give labels")
+    corruptions: list[str] = Field(
+        ["gaussian_noise", "gaussian_blur", "contrast", "pixelate"],
+        description="corrupted: families, one per image in equal shares; [] = the same images without shift",
+    )
+    # 3 of Hendrycks & Dietterich's 5 levels: a drop a user would notice, not one that wipes the signal out.
+    severity: int = Field(3, ge=1, le=5, description="corrupted: severity of every family (1-5)")
+    per_class: int = Field(100, ge=1, description="corrupted: unused raw images per class drawn (seeded)")
+    max_images: int = Field(2000, ge=10, description="folder: at most this many images (a seeded sample)")
+
+    @field_validator("corruptions")
+    @classmethod
+    def _families(cls, value: list[str]) -> list[str]:
+        unknown = [v for v in value if v not in CORRUPTION_FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown corruption {unknown} (valid: {list(CORRUPTION_FAMILIES)})")
+        if len(set(value)) != len(value):
+            raise ValueError(f"corruption families must be distinct (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _folder_path(self) -> DeployDataParams:
+        if self.kind == "folder" and not self.path:
+            raise ValueError("kind 'folder' needs `path`: the folder of deployment images")
+        return self
+
+
+class DeployParams(Section):
+    """The opt-in deployment study (`deploy/pipeline.yaml`, `make repro-deploy`): how far the deployment images
+    are from the training distribution, the accuracy each model will have there predicted without labels, and
+    whether AdaBN or DANN wins it back (README "Deployment shift")."""
+
+    data: DeployDataParams = DeployDataParams()
+    strategies: list[str] | None = Field(None, description="keys of `strategies` assessed; null: every one")
+    # A strategies-style entry for the `dann` strategy (trained by deploy-train on labelled train + unlabelled
+    # deployment images); null: no DANN run.
+    dann: dict[str, Any] | None = Field(default_factory=dict, description="the dann strategy's config; null skips it")
+    adabn: bool = Field(True, description="also measure every network with BatchNorm statistics of deployment images")
+    max_samples: int = Field(500, ge=20, description="images per side for MMD and the proxy A-distance")
+    mmd_permutations: int = Field(200, ge=20)
+    # PAD = 2(1 - 2e): 0.2 is a domain classifier with a balanced error of 45%, already better than chance by
+    # more than the +-2-3 points its 5-fold estimate moves between two samples of one distribution (measured on
+    # the held-out control of the default data).
+    pad_threshold: float = Field(0.2, gt=0, le=2, description="proxy A-distance above which the shift is flagged")
+    alpha: float = Field(0.05, gt=0, lt=1, description="level of the MMD permutation test")
+    n_bootstrap: int = Field(1000, ge=100, description="replicates of every interval (samples and seeds)")
+
+    @field_validator("strategies")
+    @classmethod
+    def _distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError(f"must be null or distinct strategy names (got {value})")
+        return value
+
+    def resolved_strategies(self, listed: dict[str, Any]) -> list[str]:
+        """The root strategies assessed: `strategies`, or every key of `listed`."""
+        return list(self.strategies) if self.strategies is not None else list(listed)
+
+
 class CompareParams(Section):
     n_bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples of the test set")
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
@@ -502,6 +576,7 @@ class Params(Section):
     diagnose: DiagnoseParams = DiagnoseParams()
     compare: CompareParams = CompareParams()
     curve: CurveParams = CurveParams()
+    deploy: DeployParams = DeployParams()
 
     @field_validator("sources", "strategies")
     @classmethod
@@ -564,6 +639,19 @@ class Params(Section):
                 f"curve.strategies: null means {list(CURVE_DEFAULT_STRATEGIES)}, and none is under `strategies`: "
                 "list the strategies to sweep"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _deploy_checks(self) -> Params:
+        chosen = self.deploy.strategies or []
+        unknown = [n for n in chosen if n not in self.strategies]
+        if unknown:
+            raise ValueError(
+                f"deploy.strategies: {unknown} not key(s) of `strategies` (valid: {sorted(self.strategies)}): "
+                "add them under `strategies` or remove them from deploy.strategies"
+            )
+        if self.deploy.dann is not None and self.deploy.dann.get("kind", "dann") != "dann":
+            raise ValueError(f"deploy.dann: kind must be 'dann' (got '{self.deploy.dann.get('kind')}')")
         return self
 
     @model_validator(mode="after")

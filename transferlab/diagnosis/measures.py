@@ -43,6 +43,7 @@ __all__ = [
     "mmd_permutation_test",
     "prediction_agreement",
     "proxy_a_distance",
+    "proxy_a_distance_replicates",
     "train_val_gap",
     "weight_drift",
 ]
@@ -312,16 +313,48 @@ def proxy_a_distance(x: Any, y: Any, *, seed: int = 0) -> float:
         raise ValueError(f"x and y must have the same number of features, got {xa.shape[1]} and {ya.shape[1]}")
     if xa.shape[0] < 2 or ya.shape[0] < 2:
         raise ValueError(f"each domain needs at least 2 rows, got {xa.shape[0]} and {ya.shape[0]}")
+    wrong_x, wrong_y = _domain_errors(xa, ya, seed)
+    error = 0.5 * (float(wrong_x.mean()) + float(wrong_y.mean()))
+    return float(np.clip(2.0 * (1.0 - 2.0 * error), 0.0, 2.0))
+
+
+def _domain_errors(xa: np.ndarray, ya: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, whether the cross-validated linear domain classifier of `proxy_a_distance` got it wrong."""
     features = np.vstack([xa, ya])
     labels = np.concatenate([np.zeros(xa.shape[0], dtype=int), np.ones(ya.shape[0], dtype=int)])
     n_splits = 5 if min(xa.shape[0], ya.shape[0]) >= 5 else 2
     folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
     pred = cross_val_predict(clf, features, labels, cv=folds)
-    err_x = float(np.mean(pred[labels == 0] != 0))
-    err_y = float(np.mean(pred[labels == 1] != 1))
-    error = 0.5 * (err_x + err_y)
-    return float(np.clip(2.0 * (1.0 - 2.0 * error), 0.0, 2.0))
+    return pred[labels == 0] != 0, pred[labels == 1] != 1
+
+
+def proxy_a_distance_replicates(
+    x: Any, y: Any, *, seed: int = 0, n_bootstrap: int = 1000, bootstrap_seed: int = 0
+) -> tuple[float, np.ndarray]:
+    """`proxy_a_distance` and bootstrap replicates of it, for an interval.
+
+    The cross-validated predictions are made once; each replicate redraws, with replacement and within each
+    domain, which rows' errors count (a stratified bootstrap of the balanced error; the classifier is not
+    refitted, so the interval covers the test-sample noise of the error, not the fold noise of the fit).
+    Replicates made with the same `bootstrap_seed` and sample sizes share their draws: averaging the replicates
+    of several models (seeds) gives the interval of their mean.
+
+    Returns:
+        (PAD, its (n_bootstrap,) replicates), both clipped to [0, 2].
+    """
+    xa = _float_2d(x, "x")
+    ya = _float_2d(y, "y")
+    if xa.shape[1] != ya.shape[1]:
+        raise ValueError(f"x and y must have the same number of features, got {xa.shape[1]} and {ya.shape[1]}")
+    if xa.shape[0] < 2 or ya.shape[0] < 2:
+        raise ValueError(f"each domain needs at least 2 rows, got {xa.shape[0]} and {ya.shape[0]}")
+    wrong_x, wrong_y = _domain_errors(xa, ya, seed)
+    rng = np.random.default_rng(bootstrap_seed)
+    ex = wrong_x[rng.integers(0, len(wrong_x), size=(n_bootstrap, len(wrong_x)))].mean(1)
+    ey = wrong_y[rng.integers(0, len(wrong_y), size=(n_bootstrap, len(wrong_y)))].mean(1)
+    pad = float(np.clip(2.0 * (1.0 - (float(wrong_x.mean()) + float(wrong_y.mean()))), 0.0, 2.0))
+    return pad, np.clip(2.0 * (1.0 - (ex + ey)), 0.0, 2.0)
 
 
 # --------------------------------------------------------------------------------------------------
