@@ -23,6 +23,9 @@ def _train(name, tiny_source, tiny_data, seed=0, **overrides):
     cfg = strategy_config(name, {"epochs": 1, **overrides})
     strategy = get_strategy(cfg.kind)
     gen = seed_everything(seed)
+    images = tiny_data["images"]
+    if strategy.uses_unlabelled:  # dann: unlabelled deployment images beside the splits (here: colours inverted)
+        images = {**images, "unlabelled": (255 - images["train"][::2]).astype(np.uint8)}
     features = None
     if strategy.uses_features:
         features = {
@@ -35,7 +38,7 @@ def _train(name, tiny_source, tiny_data, seed=0, **overrides):
         strategy,
         cfg,
         tiny_source,
-        tiny_data["images"],
+        images,
         tiny_data["labels"],
         3,
         TrainRecipe(epochs=cfg.epochs, batch_size=8, patience=1, weight_decay=0.0, augment="crop_flip"),
@@ -69,7 +72,8 @@ def test_unknown_strategy_lists_valid_names():
 def test_strategy_trains_saves_and_reloads_exactly(name, tiny_source, tiny_data, tmp_path):
     strategy, cfg, result = _train(name, tiny_source, tiny_data)
     row = result.history[0]
-    assert set(row) == {"epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "grad_norm"}
+    base = {"epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "grad_norm"}
+    assert set(row) == base | set(strategy.history_keys)
     assert all(np.isfinite(v) for v in row.values())
     assert 0 < result.trainable_params <= result.total_params
     logits = _test_logits(result.model, tiny_source, tiny_data)

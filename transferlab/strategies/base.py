@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from transferlab.core.io import read_json, save_torch, write_json
@@ -122,6 +123,41 @@ class Teacher:
     val_accuracy: float  # its best validation accuracy on the target
 
 
+@dataclass
+class UnlabelledBatches:
+    """Unlabelled target (deployment) images of one run, as the training layer hands them to the `start_run` of
+    a strategy that `uses_unlabelled`; it holds no labels, there are none.
+
+    `inputs(indices, train)` builds a batch exactly as the training batches are built (the source's
+    normalisation, the recipe's augmentation and memory order), on the CPU. The order in which the pool is
+    drawn and the augmentation come from `generator`, a generator of their own seeded from the run's seed, so
+    the labelled batches (and every other strategy's run) draw what they would draw without the pool.
+    """
+
+    inputs: Callable[[np.ndarray, bool], torch.Tensor]  # fn(indices, train) -> normalised batch, on the CPU
+    n: int  # images in the pool
+    generator: torch.Generator  # the pool's own: shuffling and augmentation
+    _order: np.ndarray | None = field(default=None, repr=False)
+    _pos: int = field(default=0, repr=False)
+
+    def draw(self, k: int, augment: bool = True) -> torch.Tensor:
+        """The next `k` images of the pool (augmented like the training batches unless `augment` is False),
+        going through it in a seeded random order that is drawn afresh each time the pool is used up (an
+        epoch over the pool, independent of the labelled epochs)."""
+        import torch
+
+        parts: list[np.ndarray] = []
+        need = k
+        while need > 0:
+            if self._order is None or self._pos >= self.n:
+                self._order, self._pos = torch.randperm(self.n, generator=self.generator).numpy(), 0
+            take = self._order[self._pos : self._pos + need]
+            self._pos += len(take)
+            need -= len(take)
+            parts.append(take)
+        return self.inputs(np.concatenate(parts), augment)
+
+
 def freeze_all(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
@@ -137,7 +173,8 @@ class Strategy:
 
     Life cycle in `training.protocol.train_strategy`: (the training layer trains the `teacher_spec` network,
     if any) -> `start_run` -> `build` -> per epoch `on_epoch_start`, `set_train_mode`, steps with
-    `param_groups`, `loss` -> `save`; `load` rebuilds the trained model for evaluation.
+    `param_groups`, `train_forward`, `loss`, then `epoch_metrics` -> `save`; `load` rebuilds the trained model
+    for evaluation.
 
     A registered strategy is one shared instance, like a scikit-learn estimator's class: it keeps no
     per-run state. What one run needs (a teacher, constants) is the value `start_run` returns, which the
@@ -150,16 +187,28 @@ class Strategy:
     uses_features: ClassVar[bool] = False  # trains on the features cache instead of images
     pretrained: ClassVar[bool] = True  # False: starts from random weights (scratch)
     modalities: ClassVar[tuple[str, ...]] = ("image", "text")  # what it can train on (a params check)
+    # Also trains on unlabelled deployment images (`images["unlabelled"]` of `train_strategy`, handed to
+    # `start_run` as `UnlabelledBatches`); training without them is refused before any work.
+    uses_unlabelled: ClassVar[bool] = False
+    history_keys: ClassVar[tuple[str, ...]] = ()  # the extra history columns `epoch_metrics` adds
 
     def teacher_spec(self, cfg: StrategyConfig) -> TeacherSpec | None:
         """A network the training layer must fine-tune on the run's data before this strategy's model
         trains (distillation's teacher), or None (the default)."""
         return None
 
-    def start_run(self, source: SourceModel, cfg: StrategyConfig, teacher: Teacher | None) -> Any:
+    def start_run(
+        self,
+        source: SourceModel,
+        cfg: StrategyConfig,
+        teacher: Teacher | None,
+        unlabelled: UnlabelledBatches | None = None,
+    ) -> Any:
         """The per-run state this strategy needs beside its model (default: None), made once per run before
-        `build`; `teacher` is the trained network `teacher_spec` asked for. The training layer passes the
-        value back to `loss` and `move_to`; nothing is kept on this shared instance."""
+        `build`; `teacher` is the trained network `teacher_spec` asked for, `unlabelled` the run's unlabelled
+        deployment images (passed only to strategies with `uses_unlabelled`). The training layer passes the
+        value back to `train_forward`, `loss`, `epoch_metrics` and `move_to`; nothing is kept on this shared
+        instance."""
         return None
 
     def build(self, source: SourceModel, num_classes: int, cfg: StrategyConfig, seed: int) -> nn.Module:
@@ -172,6 +221,15 @@ class Strategy:
     def before_training(self, model: nn.Module, cfg: StrategyConfig, train_inputs: Callable, n_train: int) -> None:
         """Hook run once before the first epoch (AdaBN re-estimates BatchNorm statistics here).
         `train_inputs(indices, augment)` builds a normalised input batch."""
+
+    def train_forward(
+        self, model: nn.Module, inputs: torch.Tensor, cfg: StrategyConfig, state: Any = None, progress: float = 0.0
+    ) -> torch.Tensor:
+        """The forward pass of one training step: the logits of the labelled batch `inputs` (default:
+        `model(inputs)`). `progress` is the fraction of the run's step budget (the epoch cap times the steps per
+        epoch) done before this step, 0 at the first; DANN ramps its gradient reversal with it and forwards an
+        unlabelled batch in the same pass."""
+        return model(inputs)
 
     def loss(
         self,
@@ -190,6 +248,11 @@ class Strategy:
     def penalty(self, model: nn.Module, cfg: StrategyConfig) -> torch.Tensor | None:
         """Extra loss term added to the cross-entropy at every step (L2-SP's pull towards the source)."""
         return None
+
+    def epoch_metrics(self, state: Any = None) -> dict[str, float]:
+        """Extra columns (`history_keys`) of the history row of the training epoch that just ended, from the run's
+        state (default: none); called once after each epoch, so a strategy may start a new tally here."""
+        return {}
 
     def on_epoch_start(
         self, model: nn.Module, epoch: int, cfg: StrategyConfig, optimizer: torch.optim.Optimizer

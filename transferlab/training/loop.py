@@ -121,7 +121,8 @@ def fit(
     Args:
         model: the module whose output is the logits (the whole network, or just the head for
             strategies that train on cached features).
-        strategy, cfg: the strategy (its optimizer param groups, epoch hook, BatchNorm policy, loss) and config.
+        strategy, cfg: the strategy (its optimizer param groups, epoch hook, BatchNorm policy, training forward
+            pass, loss, extra history columns) and config.
         train_inputs, val_inputs: `fn(indices, train)` -> input batch (augmented when train is True).
         train_labels, val_labels: int labels.
         recipe: what this function reads of the run's `TrainRecipe`: `schedule`, `epochs` (the cap of a
@@ -136,7 +137,8 @@ def fit(
             autocast, see `transferlab.core.device`; the generator stays on the CPU).
         generator: seeded generator for shuffling and augmentation.
         label: name for progress bars and errors.
-        state: the strategy's per-run state (`Strategy.start_run`), passed to its `loss` and `move_to`.
+        state: the strategy's per-run state (`Strategy.start_run`), passed to its `train_forward`, `loss`,
+            `epoch_metrics` and `move_to`.
 
     Returns:
         TrainResult with the best model (left on the device), the per-epoch history (with the rate and the
@@ -173,6 +175,7 @@ def fit(
             "val_loss": round(val_loss, 6),
             "val_accuracy": round(val_acc, 6),
             "grad_norm": train["grad_norm"],
+            **strategy.epoch_metrics(state),  # a strategy's own columns (`history_keys`; DANN: the domain classifier)
         }
         result.history.append(row)
         bar.set_postfix(val_acc=f"{val_acc:.3f}")
@@ -334,8 +337,9 @@ class _Steps:
                 return None
             mine = distributed.part(len(idx), ctx)
             inputs, targets = inputs[mine], targets[mine]
+        progress = ((epoch - 1) * self.steps_per_epoch + step) / self.total_steps
         with autocast_context(self.device):
-            logits = self.net(inputs)
+            logits = self.strategy.train_forward(self.net, inputs, self.cfg, self.state, progress)
             loss = self.strategy.loss(logits, targets, inputs, self.cfg, self.state)
             extra = self.strategy.penalty(self.model, self.cfg)
             if ctx is not None:

@@ -25,7 +25,7 @@ from transferlab.core.seeding import seed_everything
 from transferlab.models.costs import count_parameters, example_input, train_flops_per_image
 from transferlab.models.sources import SourceModel, load_source
 from transferlab.strategies import Strategy, StrategyConfig, get_strategy, strategy_config
-from transferlab.strategies.base import Teacher
+from transferlab.strategies.base import Teacher, UnlabelledBatches
 from transferlab.training.loop import DivergenceError, TrainResult, fit, image_batches, tensor_batches, training_failure
 from transferlab.training.recipe import TrainRecipe, build_recipe
 from transferlab.training.rules import LR_CHOICE_RULE
@@ -65,27 +65,38 @@ def train_strategy(
     Strategies with `uses_features` train their head on `features` (the cache of the frozen backbone's
     penultimate features); the others train on the images. A strategy's helper network (a distillation
     teacher, `Strategy.teacher_spec`) is trained first, with the same recipe; its per-run state
-    (`Strategy.start_run`) travels with this call only. Training runs on `recipe.device` (default: the CPU);
-    the returned model is back on the CPU, ready to save. `recipe.channels_last` trains image strategies in
-    channels-last memory order (1.7-1.9x faster on this project's CPU, measured in benchmarks/; other
-    floating-point results than the default order, reproducible run to run); the returned model is back in
-    the default order.
+    (`Strategy.start_run`) travels with this call only. Strategies with `uses_unlabelled` (dann) also get
+    `images["unlabelled"]`, unlabelled deployment images (uint8, the shape convention of `images["train"]`), as
+    `UnlabelledBatches` in `start_run`: built like the training batches (same normalisation and augmentation),
+    drawn by a generator of their own seeded from `seed`, so a strategy that does not use them draws exactly what
+    it drew without them (it never reads the key). Such a strategy's training compute per training image counts
+    the network's passes twice (each labelled image is paired with an unlabelled one). Training runs on
+    `recipe.device` (default: the CPU); the returned model is back on the CPU, ready to save.
+    `recipe.channels_last` trains image strategies in channels-last memory order (1.7-1.9x faster on this
+    project's CPU, measured in benchmarks/; other floating-point results than the default order, reproducible
+    run to run); the returned model is back in the default order.
 
     Raises:
-        ValueError: a feature strategy got no features cache.
+        ValueError: a feature strategy got no features cache; a strategy with `uses_unlabelled` got no
+            unlabelled images, or ones of another shape or type than the training images.
         DivergenceError: see `fit`.
     """
     if strategy.uses_features and features is None:
         raise ValueError(f"{label}: strategy '{strategy.name}' needs the features cache (features@<source>)")
+    unlabelled = _unlabelled_batches(strategy, images, source, recipe, seed, label)  # checked before any work
     device = as_device(recipe.device)
     teacher = _train_teacher(strategy, cfg, images, labels, num_classes, recipe, seed)
-    state = strategy.start_run(source, cfg, teacher)
+    # Only a strategy that uses unlabelled images is handed them: the others' `start_run` is called as before.
+    extra = {"unlabelled": unlabelled} if strategy.uses_unlabelled else {}
+    state = strategy.start_run(source, cfg, teacher, **extra)
     model = strategy.build(source, num_classes, cfg, seed)
     trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
     if strategy.uses_features:  # the head trains on the cached features
         train_flops = train_flops_per_image(model.get_classifier(), torch.zeros(1, features["train"].shape[1]))
     else:
         train_flops = train_flops_per_image(model, example_input(model, int(images["train"].shape[1])))
+    if strategy.uses_unlabelled:  # one unlabelled image through the same network per training image
+        train_flops = {k: 2 * v for k, v in train_flops.items()}
     if strategy.uses_features:
         result = _fit_head(model, strategy, cfg, features, labels, recipe, generator, label, state)
     else:
@@ -94,6 +105,53 @@ def train_strategy(
     result.trainable_params, result.total_params = trainable, total
     result.train_flops = train_flops
     return result
+
+
+def _unlabelled_seed(seed: int) -> int:
+    """The seed of a run's unlabelled-pool generator: a stream of its own derived from the run's seed (not the
+    seed itself, whose stream shuffles the labelled batches: the two orders would be the same permutation)."""
+    return int(np.random.SeedSequence([seed, 0x0DA77]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
+def _unlabelled_batches(
+    strategy: Strategy,
+    images: dict[str, np.ndarray],
+    source: SourceModel,
+    recipe: TrainRecipe,
+    seed: int,
+    label: str,
+) -> UnlabelledBatches | None:
+    """The run's unlabelled deployment images as `UnlabelledBatches` for a strategy with `uses_unlabelled`
+    (None for the others, whatever `images` holds).
+
+    Augmented as the training batches are (`recipe.augment`): otherwise a domain classifier could tell the
+    labelled from the unlabelled images by the augmentation alone (shifted, reflect-padded borders only on one
+    side), and the adversarial loss would spend itself hiding augmentation instead of the domain.
+
+    Raises:
+        ValueError: no `images["unlabelled"]` (or an empty one), or images of another shape or type than
+            `images["train"]`.
+    """
+    if not strategy.uses_unlabelled:
+        return None
+    pool = images.get("unlabelled")
+    if pool is None or len(pool) == 0:
+        raise ValueError(
+            f"{label}: strategy '{strategy.name}' trains on unlabelled deployment images, and this run got none "
+            f"(images['unlabelled'] missing or empty; got {sorted(images)}). Set deploy.data to the deployment images "
+            "and run the deployment pipeline, which passes them; the default pipeline's train@ stages have none, "
+            f"so leave '{strategy.name}' out of `strategies` there."
+        )
+    train = images["train"]
+    if pool.shape[1:] != train.shape[1:] or pool.dtype != train.dtype:
+        raise ValueError(
+            f"{label}: images['unlabelled'] are {pool.dtype} {tuple(pool.shape[1:])} per image, the training images "
+            f"{train.dtype} {tuple(train.shape[1:])}: prepare the deployment images like the training split "
+            "(same size, channels and dtype)"
+        )
+    gen = torch.Generator().manual_seed(_unlabelled_seed(seed))
+    batches = image_batches(pool, source, recipe.augment, gen, recipe.channels_last)
+    return UnlabelledBatches(inputs=batches, n=len(pool), generator=gen)
 
 
 def _train_teacher(
