@@ -59,7 +59,7 @@ repro-deploy: setup dataset
 # (`git checkout params.yaml` returns to the default).
 FULL_PROFILE := -S data.image_size=64 -S data.train_per_class=100 -S 'train.seeds=[0,1,2]' \
 	-S agreement.finetune_epochs=60 -S '++strategies.gradual_unfreeze={}' -S '++strategies.discriminative_lr={}' -S '++strategies.l2sp={}' \
-	-S '++strategies.adabn={}' -S '++strategies.distill={}'
+	-S '++strategies.adabn={}' -S '++strategies.distill={}' -S '++strategies.progressive={}'
 repro-full: setup dataset
 	$(VENV)/bin/dvc exp run $(FULL_PROFILE)
 

@@ -6,7 +6,8 @@ are controls, listed apart.
 
 A thin loop over the check registry (`transferlab.diagnosis.checks`): failed training, negative transfer,
 catastrophic forgetting (by proxy, and exact on the in-pipeline source), domain shift, resolution,
-learning-rate sensitivity, over-fitting. Writes `metrics/diagnosis.json` and `reports/diagnosis.md`.
+learning-rate sensitivity, over-fitting. Writes `metrics/diagnosis.json` and `reports/diagnosis.md`, and
+the checks' wall-clock measurements (a remedy model's CPU latency) to `--perf`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> None:
     p.add_argument("--summary", default=None, help="compare's metrics/summary.json (the negative-transfer grades)")
     p.add_argument("--metrics", required=True)
     p.add_argument("--report", required=True)
+    p.add_argument("--perf", default=None, help="wall-clock measurements of the checks (a remedy model's latency)")
     args = p.parse_args()
     params = params_or_exit(args.params)
     dp = params.diagnose
@@ -36,7 +38,7 @@ def main() -> None:
         raise SystemExit(f"diagnose.source_images: '{dp.source_images}' is not a folder (a folder of images, or null)")
 
     # Heavy imports only once the params are known to be good.
-    from transferlab.core.device import device_tags, resolve_device
+    from transferlab.core.device import device_info, device_tags, resolve_device
     from transferlab.core.io import write_json, write_text
     from transferlab.diagnosis.checks import run_checks
     from transferlab.diagnosis.findings import summarize
@@ -57,6 +59,7 @@ def main() -> None:
             "n_bootstrap": params.compare.n_bootstrap,
         },
         "data": {"dataset": params.data.dataset, "path": params.data.path},
+        "evaluate": {"latency_images": params.evaluate.latency_images},
     }
     ctx = load_context(
         params,
@@ -78,6 +81,8 @@ def main() -> None:
         summary = {**summarize(findings, ctx.controls), **run_log}
         write_json(args.metrics, {"summary": summary, "findings": findings, "controls": ctx.controls})
         write_text(args.report, to_markdown(findings, summary, ctx.controls))
+        if args.perf:
+            write_json(args.perf, {**ctx.timings, **device_info(ctx.device)})
         mlflow.log_metrics(
             {f"{k}.{s}": v[s] for k, v in summary["by_type"].items() for s in ("flagged", "undetermined")}
         )

@@ -10,6 +10,7 @@ import torch
 
 from transferlab.core.seeding import seed_everything
 from transferlab.diagnosis import findings as dx
+from transferlab.models.sources import SourceModel
 from transferlab.reporting.diagnosis_md import to_markdown
 from transferlab.strategies import get_strategy, strategy_config
 from transferlab.training.protocol import TrainRecipe, train_strategy
@@ -620,7 +621,7 @@ def test_exact_forgetting_check_and_its_l2sp_remedy_run_end_to_end(tiny_source, 
     params = parse_params(
         _raw(
             train={"seeds": [0, 1], "epochs": 2},
-            diagnose={"remedy_epochs": 2, "sweep_epochs": 1, "lr_sweep": [0.1]},
+            diagnose={"remedy_epochs": 2, "sweep_epochs": 1, "lr_sweep": [0.1], "progressive_remedy": True},
         )
     )
     # The tiny source stands in for a `pipeline` source (its source task saved under pretrained_dir).
@@ -640,7 +641,9 @@ def test_exact_forgetting_check_and_its_l2sp_remedy_run_end_to_end(tiny_source, 
         y=y,
         **nothing,
     )
-    ctx.load_source = lambda name=None: SimpleNamespace(model=copy.deepcopy(src.model), mean=src.mean, std=src.std)
+    ctx.load_source = lambda name=None: SourceModel(
+        "tiny", tiny_source.arch, copy.deepcopy(src.model), src.mean, src.std, True, "test", None
+    )
     check = get_check("forgetting_exact")
     drop, lr = check.measure(ctx)
     assert drop["evidence"]["seeds"] == [0, 1] and drop["measured"]["ci_low"] <= drop["measured"]["value"]
@@ -649,6 +652,24 @@ def test_exact_forgetting_check_and_its_l2sp_remedy_run_end_to_end(tiny_source, 
     assert r["kind"] == "remedy" and r["outcome"] in dx.OUTCOMES and "seeds [0, 1]" in r["run"]
     assert r["target_accuracy"]["seeds_before"] == r["target_accuracy"]["seeds_after"] == 2
     assert r["after"]["threshold"] == drop["measured"]["threshold"]
+    # progressive, the second remedy: the source task read from its frozen source column is the source's own,
+    # measured (a zero drop, a point interval), with each model's cost beside it; latency only in the timings.
+    (p,) = r["alternatives"]
+    assert p["kind"] == "remedy" and p["run"].startswith("progressive") and "seeds [0, 1]" in p["run"]
+    assert p["after"]["value"] == p["after"]["ci_low"] == p["after"]["ci_high"] == 0.0
+    assert p["after"]["status"] == "ok" and p["outcome"] in dx.OUTCOMES
+    cost = r["cost"]
+    assert set(cost) == {"finetune_full", "l2sp", "progressive"}
+    assert cost["finetune_full"]["trainable_params"] == cost["finetune_full"]["total_params"]
+    assert cost["finetune_full"]["total_params"] < cost["progressive"]["total_params"]
+    assert cost["progressive"]["trainable_params"] < cost["progressive"]["total_params"]
+    assert cost["progressive"]["train_flops_per_image"] > cost["finetune_full"]["train_flops_per_image"] * 0.9
+    assert "cost (trainable / total parameters" in p["note"]
+    latency = ctx.timings["forgetting_exact"]["cpu_latency_ms_per_image"]
+    assert set(latency) == set(cost) and all(v["latency_ms_per_image_batch1"] > 0 for v in latency.values())
+    assert "latency_ms" not in str(r)  # wall time: the stage's perf file, never metrics/diagnosis.json
+    shown = {**drop, "status": "flagged", "flagged": True, "remedy_result": r}
+    assert "alternative: remedy run: progressive" in to_markdown([shown], dx.summarize([shown]))
 
 
 def test_comparing_two_existing_models_is_evidence_not_a_remedy():

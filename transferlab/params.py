@@ -535,6 +535,15 @@ class DiagnoseParams(Section):
         0.1, ge=0, le=1, description="validation-accuracy spread over the sweep that flags it"
     )
     l2sp_alpha: float = Field(1.0, gt=0, description="L2-SP strength of the forgetting remedy")
+    # Off by default: one more protocol run (the lr search's 6 epochs, then every seed to a plateau) of a model
+    # that runs two networks per image. One epoch of the default data (500 train + 300 val images, 48 px) from
+    # resnet10t, on 2 shared CPU cores: 74-111 s for progressive as for finetune_full (load-bound; 2.1x the
+    # forward FLOPs, 1.4x the training FLOPs), so the remedy would add many minutes to diagnose, not < 60 s.
+    progressive_remedy: bool = Field(
+        False,
+        description="forgetting_exact: also train progressive networks (frozen source column + new column) under "
+        "the protocol, as a second remedy with its measured cost",
+    )
     remedy_epochs: int | None = Field(
         None, ge=1, description="cap on remedy runs' epochs (tiny test configs); null: the pipeline's train recipe"
     )

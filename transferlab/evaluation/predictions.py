@@ -158,9 +158,24 @@ def deployed_latency_ms(evaluation: ModelEvaluation, images: np.ndarray, n_image
     """CPU milliseconds per image of the model as it would be deployed, at batch 1 and 32.
 
     The first seed's model, with a LoRA adapter merged into its weights (what would ship; this changes
-    `evaluation.model` in place), moved to the CPU, timed by `models.costs.latency_ms` on the first
-    `n_images` of `images` (normalised as at training), after 2 warm-up passes, over `n_images // batch`
-    timed passes (at least 1).
+    `evaluation.model` in place), timed by `cpu_latency_ms`.
+
+    Returns:
+        {"latency_ms_per_image_batch1", "latency_ms_per_image_batch32"}, rounded to 3 decimals.
+    """
+    meta = evaluation.meta
+    model = evaluation.model
+    deployed = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    return cpu_latency_ms(deployed, images, meta["mean"], meta["std"], n_images)
+
+
+def cpu_latency_ms(model: Any, images: np.ndarray, mean: tuple, std: tuple, n_images: int) -> dict[str, float]:
+    """CPU milliseconds per image of `model` at batch 1 and 32: evaluate@'s measurement, also the diagnosis'
+    cost of a remedy model.
+
+    `model` is moved to the CPU (in place) and timed by `models.costs.latency_ms` on the first `n_images` of
+    `images` (normalised with `mean` / `std`, as at training), after 2 warm-up passes, over `n_images // batch`
+    timed passes (at least 1). Wall time: it varies run to run, so it belongs in perf/, not in a metrics file.
 
     Returns:
         {"latency_ms_per_image_batch1", "latency_ms_per_image_batch32"}, rounded to 3 decimals.
@@ -168,14 +183,11 @@ def deployed_latency_ms(evaluation: ModelEvaluation, images: np.ndarray, n_image
     from transferlab.models.costs import latency_ms
     from transferlab.models.inference import to_input
 
-    meta = evaluation.meta
-    example = to_input(images[:n_images], meta["mean"], meta["std"])
-    model = evaluation.model
-    deployed = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    deployed.to("cpu")
+    example = to_input(images[:n_images], mean, std)
+    model.to("cpu")
     return {
         f"latency_ms_per_image_batch{b}": round(
-            latency_ms(deployed, None, b, repeats=max(1, n_images // b), warmup=2, example=example), 3
+            latency_ms(model, None, b, repeats=max(1, n_images // b), warmup=2, example=example), 3
         )
         for b in (1, 32)
     }

@@ -107,6 +107,9 @@ class DiagnosisContext:
     # Where checks run forward passes and remedy training (a torch.device, resolved from train.device by the
     # stage); None: the CPU. Never part of a finding: metrics stay device-free.
     device: Any = None
+    # Wall-clock measurements of the checks (a remedy model's CPU latency), written to the stage's perf file:
+    # they vary run to run, so they never enter a finding (metrics/diagnosis.json stays reproducible).
+    timings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:

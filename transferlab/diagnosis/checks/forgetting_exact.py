@@ -7,7 +7,11 @@ source-task accuracy of the fine-tuned backbone with the source head, two ways:
 The gap between them is the share of forgetting due to the statistics. The model measured is finetune_full
 trained from that source by the diagnosis under the pipeline's protocol (`ctx.protocol`: the rate chosen on
 validation, every seed of `train.seeds`); the drop is graded with its interval over source test images and
-seeds. The L2-SP remedy is trained the same way and re-graded against the same threshold. Also the
+seeds. The L2-SP remedy is trained the same way and re-graded against the same threshold; so is, with
+`diagnose.progressive_remedy`, progressive networks (the source kept as a frozen column beside a new one: its
+source-task predictions are those of its source column, measured like the others), reported beside L2-SP with
+what each model costs (parameters trainable and total, training FLOPs per image; CPU latency per image goes to
+the stage's perf file, being wall time). Also the
 learning-rate sweep (`lr_sensitivity`, on the same source): the best rate is chosen on validation; test
 accuracy is reported only.
 """
@@ -21,6 +25,8 @@ import torch
 
 from transferlab.diagnosis import findings as dx
 from transferlab.diagnosis.checks import Check, DiagnosisContext, register_check
+from transferlab.evaluation.predictions import cpu_latency_ms
+from transferlab.models.columns import ProgressiveNet
 from transferlab.models.inference import predict_images
 
 
@@ -55,28 +61,39 @@ class ForgettingExact(Check):
         head = copy.deepcopy(base.model.get_classifier())
         s_images, _ = self._source_task(ctx)
         dev = ctx.device
+        # The backbone that carries the source task: a progressive network keeps it as its source column (the
+        # new column serves the target only), so the source head goes on that column, measured, not assumed.
+        backbone = model.source if isinstance(model, ProgressiveNet) else model
         # Buffers copied before any model moves: restore_bn_buffers reads the source's on the CPU.
-        restored = restore_bn_buffers(model, base.model)
+        restored = restore_bn_buffers(backbone, base.model)
         return {
             "test_pred": predict_images(model, ctx.test_images, base.mean, base.std, device=dev).argmax(1).numpy(),
-            "source_pred": dx.source_head_predictions(model, head, s_images, base.mean, base.std, device=dev),
+            "source_pred": dx.source_head_predictions(backbone, head, s_images, base.mean, base.std, device=dev),
             "source_pred_bn_restored": dx.source_head_predictions(
                 restored, head, s_images, base.mean, base.std, device=dev
             ),
         }
 
-    def _protocol_run(self, ctx: DiagnosisContext, kind: str, **overrides) -> dict:
-        """`kind` trained from the forgetting source under the pipeline's protocol; every seed's predictions
-        stacked (k_seeds, n)."""
-        key = (kind, tuple(sorted(overrides.items())))
+    def _protocol_run(self, ctx: DiagnosisContext, kind: str, like: str | None = "finetune_full", **overrides) -> dict:
+        """`kind` trained from the forgetting source under the pipeline's protocol (settings as `ctx.protocol`
+        takes them, `like` included); every seed's predictions stacked (k_seeds, n), the first seed's model and
+        its size and training compute."""
+        key = (kind, like, tuple(sorted(overrides.items())))
         runs = ctx.cache.setdefault("forgetting_runs", {})
         if key not in runs:
-            res = ctx.protocol(kind, source=ctx.params.diagnose.forgetting_source, **overrides)
+            res = ctx.protocol(kind, source=ctx.params.diagnose.forgetting_source, like=like, **overrides)
             per_seed = [self._predict(ctx, run.model) for _, run in sorted(res.runs.items())]
+            first = res.runs[min(res.runs)]
             runs[key] = {
                 "lr": float(res.lr),
                 "seeds": sorted(res.runs),
                 "val_accuracy": [round(float(r.best_val_accuracy), 6) for _, r in sorted(res.runs.items())],
+                "model": first.model,
+                "cost": {
+                    "trainable_params": int(first.trainable_params),
+                    "total_params": int(first.total_params),
+                    "train_flops_per_image": int(first.train_flops["total"]),
+                },
                 **{k: np.stack([p[k] for p in per_seed]) for k in per_seed[0]},
             }
         return runs[key]
@@ -183,10 +200,11 @@ class ForgettingExact(Check):
         change = dx._gain(
             s_labels, plain["source_pred"], l2sp["source_pred"], ctx.n_bootstrap, ctx.seed, ctx.confidence
         )
-        return dx.remedy_result(
+        fs = ctx.params.diagnose.forgetting_source
+        out = dx.remedy_result(
             "remedy",
             f"l2sp (alpha={alpha}, AdamW variant: not the paper's SGD with momentum) on "
-            f"{ctx.params.diagnose.forgetting_source} under the pipeline's protocol: lr {l2sp['lr']:g} chosen on "
+            f"{fs} under the pipeline's protocol: lr {l2sp['lr']:g} chosen on "
             f"validation, seeds {l2sp['seeds']}",
             before=finding["measured"],
             after=after,
@@ -194,3 +212,52 @@ class ForgettingExact(Check):
             target=ctx.target_change(plain["test_pred"], l2sp["test_pred"]),
             note=f"validation accuracy by seed {plain['val_accuracy']} -> {l2sp['val_accuracy']}",
         )
+        runs = {"finetune_full": plain, "l2sp": l2sp}
+        if ctx.params.diagnose.progressive_remedy:
+            # progressive's own settings (strategies.progressive when listed, else its defaults): its new column
+            # trains from random weights, so finetune_full's rate is not its rate.
+            prog = self._protocol_run(ctx, "progressive", like=None)
+            runs["progressive"] = prog
+            after_p = self._drop(ctx, ctx.cache["forgetting_before"], prog["source_pred"])
+            out["alternatives"] = [
+                dx.remedy_result(
+                    "remedy",
+                    f"progressive (frozen source column + new column with lateral adapters) on {fs} under the "
+                    f"pipeline's protocol: lr {prog['lr']:g} chosen on validation, seeds {prog['seeds']}; the "
+                    "source task read from its source column",
+                    before=finding["measured"],
+                    after=after_p,
+                    change=dx._gain(
+                        s_labels, plain["source_pred"], prog["source_pred"], ctx.n_bootstrap, ctx.seed, ctx.confidence
+                    ),
+                    target=ctx.target_change(plain["test_pred"], prog["test_pred"]),
+                    note=f"validation accuracy by seed {plain['val_accuracy']} -> {prog['val_accuracy']}; "
+                    + _cost_note(runs),
+                )
+            ]
+        out["cost"] = {kind: run["cost"] for kind, run in runs.items()}
+        # CPU latency per image (evaluate@'s measurement) of each first-seed model: wall time, so perf/ only.
+        n = ctx.params.evaluate.latency_images
+        base = ctx.load_source(fs)
+        ctx.timings["forgetting_exact"] = {
+            "cpu_latency_ms_per_image": {
+                kind: cpu_latency_ms(run["model"], ctx.test_images, base.mean, base.std, n)
+                for kind, run in runs.items()
+            },
+            "latency_images": n,
+        }
+        return out
+
+
+def _cost_note(runs: dict[str, dict]) -> str:
+    """'cost (trainable / total parameters, training GFLOPs per image; ...): finetune_full 4.93M / 4.93M, 0.340;
+    ...'."""
+    parts = [
+        f"{kind} {c['trainable_params'] / 1e6:.2f}M / {c['total_params'] / 1e6:.2f}M, "
+        f"{c['train_flops_per_image'] / 1e9:.3f}"
+        for kind, c in ((k, r["cost"]) for k, r in runs.items())
+    ]
+    return (
+        "cost (trainable / total parameters, training GFLOPs per image; CPU latency per image in the diagnose "
+        "stage's perf file): " + "; ".join(parts)
+    )
