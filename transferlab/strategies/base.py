@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 PACKAGE = "transferlab.strategies"
+# Modules of the package that are not one classification strategy: the interface, and the dense tasks' own
+# registry (`dense.py`: detection and segmentation strategies, a different interface).
+NOT_STRATEGIES = ("base", "dense")
 
 
 class StrategyRegistry(Mapping):
@@ -42,7 +45,9 @@ class StrategyRegistry(Mapping):
         """Every strategy name, from the package's module names (nothing is imported)."""
         package = importlib.import_module(PACKAGE)
         found = {
-            m.name for m in pkgutil.iter_modules(package.__path__) if m.name != "base" and not m.name.startswith("_")
+            m.name
+            for m in pkgutil.iter_modules(package.__path__)
+            if m.name not in NOT_STRATEGIES and not m.name.startswith("_")
         }
         return sorted(found | set(self._loaded))
 
@@ -150,6 +155,7 @@ class Strategy:
     uses_features: ClassVar[bool] = False  # trains on the features cache instead of images
     pretrained: ClassVar[bool] = True  # False: starts from random weights (scratch)
     modalities: ClassVar[tuple[str, ...]] = ("image", "text")  # what it can train on (a params check)
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)  # dense tasks have their own (strategies.dense)
 
     def teacher_spec(self, cfg: StrategyConfig) -> TeacherSpec | None:
         """A network the training layer must fine-tune on the run's data before this strategy's model
