@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
 
-.PHONY: repro-curve repro-deploy repro-full repro-text textdata browser bad-inputs-doc faults gpu-check postgres tracking-server tracking-server-stop
+.PHONY: repro-curve repro-deploy repro-detection repro-segmentation repro-full repro-text textdata browser bad-inputs-doc faults gpu-check postgres tracking-server tracking-server-stop
 .PHONY: setup repro test test-fast lint format dataset clean-outputs bench bench-scaling review
 
 setup: $(STAMP)
@@ -52,6 +52,19 @@ repro-curve: setup dataset
 repro-deploy: setup dataset
 	cp deploy/pipeline.yaml deploy/dvc.yaml
 	$(VENV)/bin/dvc repro deploy/dvc.yaml
+
+# The dense tasks (detection/pipeline.yaml, put in place as the untracked detection/dvc.yaml, like the sweep):
+# every strategy of dense.strategies trained for dense.task, evaluated on test images (COCO mAP or IoU), compared
+# with scratch (metrics/dense/<task>/summary.json, reports/dense_<task>.md, plots/dense_<task>.png). README
+# "Detection and segmentation". repro-segmentation sets dense.task=segmentation through `dvc exp run -S`, which
+# writes it into params.yaml (`git checkout params.yaml` returns to detection).
+repro-detection: setup dataset
+	cp detection/pipeline.yaml detection/dvc.yaml
+	$(VENV)/bin/dvc repro detection/dvc.yaml
+
+repro-segmentation: setup dataset
+	cp detection/pipeline.yaml detection/dvc.yaml
+	$(VENV)/bin/dvc exp run -S dense.task=segmentation detection/dvc.yaml
 
 # The full profile: everything the default leaves out to stay under 15 minutes on 2 CPU cores (64 px,
 # 100 labels per class, 3 seeds, every registered strategy, a converged fine-tune as a second ground

@@ -35,6 +35,7 @@ USER_ERRORS = (
     ("transferlab.core.device", "DeviceError"),
     ("transferlab.core.io", "OutputError"),
     ("transferlab.data.tokenize", "TextModelError"),
+    ("transferlab.data.coco", "CocoError"),
 )
 
 

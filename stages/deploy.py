@@ -11,9 +11,28 @@ prediction is made and choose nothing: the recommendation is made on the label-f
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from stages._common import params_or_exit, parser, run_main
+
+
+def dann_domain_accuracy(histories: dict, per_seed: dict) -> dict:
+    """The DANN domain classifier's training accuracy (labelled train images against unlabelled deployment
+    images) at each seed's kept (best validation) epoch and at its last epoch: near 0.5 = the features fooled
+    it while it trained. A training-time figure; the held-out alignment is the proxy A-distance of `shift`."""
+    out = {}
+    for seed, hist in sorted(histories.items()):
+        if "domain_accuracy" not in hist or hist.empty:
+            continue
+        best = per_seed.get(str(seed), {}).get("best_epoch")
+        row = hist[hist["epoch"] == best] if best is not None and "epoch" in hist else hist.iloc[[]]
+        out[str(seed)] = {
+            "best_epoch": None if row.empty else round(float(row["domain_accuracy"].iloc[0]), 4),
+            "last_epoch": round(float(hist["domain_accuracy"].iloc[-1]), 4),
+            "first_epoch": round(float(hist["domain_accuracy"].iloc[0]), 4),
+        }
+    return out
 
 
 def main() -> None:
@@ -25,6 +44,7 @@ def main() -> None:
     p.add_argument("--dann", default=None, help="deploy-train's model folder (omit when deploy.dann is null)")
     p.add_argument("--train-metrics", required=True, help="metrics/train (convergence of each strategy)")
     p.add_argument("--dann-metrics", default=None, help="deploy-train's metrics JSON")
+    p.add_argument("--dann-history", default=None, help="deploy-train's history folder (domain accuracy per epoch)")
     p.add_argument("--pretrained-dir", default="models/pretrain")
     p.add_argument("--metrics", required=True)
     p.add_argument("--report", required=True)
@@ -57,7 +77,12 @@ def main() -> None:
     if args.dann and dp.dann is not None:
         models["dann"] = Path(args.dann)
         train_records["dann"] = read_json(args.dann_metrics) if args.dann_metrics else {}
-    read = {"seed": params.seed, "deploy": dp.model_dump(), "deploy.strategies": names, "compare.confidence": params.compare.confidence}
+    read = {
+        "seed": params.seed,
+        "deploy": dp.model_dump(),
+        "deploy.strategies": names,
+        "compare.confidence": params.compare.confidence,
+    }
     with stage_run(params.tracking, "deploy", read) as _run:
         import mlflow
 
@@ -68,7 +93,8 @@ def main() -> None:
             spec = SourceSpec.model_validate(meta["source_spec"])
             measures[name] = []
             for train_seed, seed_dir in layout.seed_dirs(model_dir).items():
-                model = strategy.load(seed_dir, lambda: load_source(meta["source"], spec, seed=params.seed, pipeline_dir=args.pretrained_dir))
+                source = partial(load_source, meta["source"], spec, seed=params.seed, pipeline_dir=args.pretrained_dir)
+                model = strategy.load(seed_dir, source)
                 m = D.measure_model(
                     model,
                     tuple(meta["mean"]),
@@ -115,20 +141,34 @@ def main() -> None:
         }
         if "dann" in measures and "finetune_full" in measures:
             result["dann_vs_finetune_full"] = D.dann_versus(
-                measures["dann"], measures["finetune_full"], labels, data.labels["test"], dp.n_bootstrap, params.seed, conf
+                measures["dann"],
+                measures["finetune_full"],
+                labels,
+                data.labels["test"],
+                dp.n_bootstrap,
+                params.seed,
+                conf,
             )
-            result["dann_domain_accuracy"] = train_records["dann"].get("domain_accuracy")
+            if args.dann_history:
+                result["dann_domain_accuracy"] = dann_domain_accuracy(
+                    layout.read_histories(args.dann_history), train_records["dann"].get("per_seed", {})
+                )
         if labels is not None:
             cases = [
-                (s["measured"]["predictor_errors"][v]) for s in strategies.values() for v in s["measured"]["predictor_errors"]
+                (s["measured"]["predictor_errors"][v])
+                for s in strategies.values()
+                for v in s["measured"]["predictor_errors"]
             ]
             result["predictors"] = {
                 "mae_mean": {
-                    k: round(sum(c["mae"][k] for c in cases) / len(cases), 4) for k in ("atc", "average_confidence", "doc")
+                    k: round(sum(c["mae"][k] for c in cases) / len(cases), 4)
+                    for k in ("atc", "average_confidence", "doc")
                 },
                 "rule": "a predictor is useful only when its mean absolute error is below average confidence's",
             }
-            result["predictors"]["atc_useful"] = result["predictors"]["mae_mean"]["atc"] < result["predictors"]["mae_mean"]["average_confidence"]
+            result["predictors"]["atc_useful"] = (
+                result["predictors"]["mae_mean"]["atc"] < result["predictors"]["mae_mean"]["average_confidence"]
+            )
         result["recommendation"] = D.recommend(strategies)
         write_json(args.metrics, result)
         write_text(args.report, deployment_markdown(result, data.class_names))

@@ -70,7 +70,9 @@ def main() -> None:
 
         write_json(args.perf, {**result.perf, **device_info(device)})
         mlflow.log_metric("train_seconds", sum(result.seconds.values()))
-        mlflow.log_metrics({k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+        mlflow.log_metrics(
+            {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        )
 
 
 if __name__ == "__main__":

@@ -69,11 +69,17 @@ def _folder(root: Path, labelled: bool, bad: int = 0) -> Path:
 
 def test_a_flat_folder_is_unlabelled_and_class_folders_are_labelled(tmp_path):
     data = DataParams(image_size=16, max_corrupt_fraction=0.0)
-    flat = folder_deployment(_folder(tmp_path / "flat", False), ["a", "b"], data, DeployDataParams(kind="folder", path="x"), 0)
+    flat = folder_deployment(
+        _folder(tmp_path / "flat", False), ["a", "b"], data, DeployDataParams(kind="folder", path="x"), 0
+    )
     assert flat.labels is None and flat.images.shape == (10, 16, 16, 3)
-    lab = folder_deployment(_folder(tmp_path / "lab", True), ["a", "b"], data, DeployDataParams(kind="folder", path="x"), 0)
+    lab = folder_deployment(
+        _folder(tmp_path / "lab", True), ["a", "b"], data, DeployDataParams(kind="folder", path="x"), 0
+    )
     assert lab.labels.tolist() == [0] * 5 + [1] * 5
-    none = folder_deployment(tmp_path / "lab", ["a", "b"], data, DeployDataParams(kind="folder", path="x", labels="none"), 0)
+    none = folder_deployment(
+        tmp_path / "lab", ["a", "b"], data, DeployDataParams(kind="folder", path="x", labels="none"), 0
+    )
     assert none.labels is None
     save_deployment(tmp_path / "img", tmp_path / "lab_out", lab, ["a", "b"])
     assert load_deployment(tmp_path / "img").labels is None  # the images folder holds no label

@@ -31,13 +31,14 @@ def sh(*cmd: str, cwd: Path, check: bool = True) -> str:
 
 
 def copy_project(repo: Path) -> Path:
-    """The pipeline's files (dvc.yaml, the opt-in curve/ and deploy/ pipeline.yaml, stages, the library, ignore files) copied into
-    `repo`."""
+    """The pipeline's files (dvc.yaml, the opt-in curve/, deploy/ and detection/ pipeline.yaml, stages, the
+    library, ignore files) copied into `repo`."""
     repo.mkdir(parents=True, exist_ok=True)
-    for item in ("dvc.yaml", "curve", "deploy", "stages", "transferlab", ".dvcignore", ".gitignore"):
+    for item in ("dvc.yaml", "curve", "deploy", "detection", "stages", "transferlab", ".dvcignore", ".gitignore"):
         src = ROOT / item
         if src.is_dir():
-            # curve/, deploy/: the opt-in templates only (their dvc.yaml, lock and predictions are a local run's)
+            # curve/, deploy/, detection/: the opt-in templates only (their dvc.yaml, lock and predictions are a
+            # local run's)
             ignore = shutil.ignore_patterns("__pycache__", "dvc.yaml", "dvc.lock", "predictions")
             shutil.copytree(src, repo / item, ignore=ignore)
         else:

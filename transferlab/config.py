@@ -6,7 +6,8 @@ uses the entry (a typo in `tune.space.lora` fails even while `lora` is not in `t
 
 * `pretrain.<name>`: `transferlab.training.pretraining.PretrainSpec`;
 * `strategies.<name>` and `agreement.finetune`: the strategy registry's own config, and its modalities;
-* `tune.space.<name>`: the search space parses and each corner is a valid config of its strategy.
+* `tune.space.<name>`: the search space parses and each corner is a valid config of its strategy;
+* `dense.strategies.<name>`: the dense strategy registry's config, and the task it supports.
 
 Every problem is a `ParamsError` naming the key, the value and the fix, before any stage does work.
 """
@@ -115,3 +116,8 @@ def check_registries(params: Params) -> None:
     check_tune_spaces(params.tune.strategies, params.tune.space, params.strategies)
     if params.deploy.dann is not None and "dann" in STRATEGIES:  # the deployment study's DANN entry
         strategy_config("deploy.dann", {"kind": "dann", **params.deploy.dann})
+    # The dense pipeline's strategies: their own registry, checked against dense.task.
+    from transferlab.strategies.dense import dense_strategy_config
+
+    for name, raw in params.dense.strategies.items():
+        dense_strategy_config(name, raw, params.dense.task, classification=lambda k: k in STRATEGIES)

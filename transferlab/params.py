@@ -482,6 +482,113 @@ class DeployParams(Section):
         return list(self.strategies) if self.strategies is not None else list(listed)
 
 
+# Tasks: the root pipeline classifies; detection and segmentation run through the opt-in dense pipeline
+# (detection/pipeline.yaml, `make repro-detection`), configured by the `dense` section.
+TASKS = ("classification", "detection", "segmentation")
+DENSE_TASKS = ("detection", "segmentation")
+
+
+class DenseDataParams(Section):
+    """Where the dense pipeline's images, boxes and masks come from (transferlab.data.scenes / .coco)."""
+
+    kind: Literal["scenes", "coco"] = Field(
+        "scenes",
+        description="scenes: the offline generator (Fashion-MNIST items on seeded textured backgrounds); coco: a "
+        "folder of images and a COCO annotations JSON",
+    )
+    # scenes: three visually distinct classes keep the default run small; any Fashion-MNIST names work.
+    classes: list[str] = Field(
+        ["trouser", "sneaker", "bag"], min_length=1, description="scenes: Fashion-MNIST classes placed in scenes"
+    )
+    path: str | None = Field(None, description="scenes: Fashion-MNIST idx folder (default: Debian's package folder)")
+    train_images: int = Field(160, ge=1, description="scenes: training scenes")
+    val_images: int = Field(64, ge=1, description="scenes: validation scenes (rate, checkpoint, recommendation)")
+    test_images: int = Field(96, ge=1, description="scenes: test scenes (reporting only)")
+    max_objects: int = Field(4, ge=1, le=16, description="scenes: 1..max_objects items per scene")
+    item_sizes: list[int] = Field([20, 28], min_length=2, max_length=2, description="scenes: item side range (px)")
+    # An item that is mostly hidden is dropped (its visible pixels repainted with the background): a box around
+    # a few pixels of a trouser is not a fair target.
+    min_visible_pixels: int = Field(40, ge=1, description="scenes: fewer visible pixels drop the object")
+    # coco
+    images: str | None = Field(None, description="coco: the images folder")
+    annotations: str | None = Field(None, description="coco: the annotations JSON (bbox [x,y,w,h], polygons or RLE)")
+    split_files: dict[str, str] | None = Field(
+        None,
+        description="coco: {train, val, test} -> text files of image file names, one a line; null: a seeded split "
+        "stratified by each image's most frequent category",
+    )
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="coco, no split files: validation share of the images")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="coco, no split files: test share of the images")
+    max_bad_fraction: float = Field(
+        0.0, ge=0, le=1, description="coco: bad annotations are dropped and counted up to this fraction, else an error"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DenseDataParams:
+        lo, hi = self.item_sizes
+        if not 4 <= lo <= hi:
+            raise ValueError(f"item_sizes: {self.item_sizes} must be [low, high] with 4 <= low <= high")
+        if self.kind == "coco" and not (self.images and self.annotations):
+            raise ValueError("kind 'coco' needs `images` (a folder) and `annotations` (a COCO JSON file)")
+        if self.split_files is not None and set(self.split_files) != {"train", "val", "test"}:
+            raise ValueError(f"split_files: keys must be train, val and test (got {sorted(self.split_files)})")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave images to train on (sum < 1)")
+        return self
+
+
+class DenseParams(Section):
+    """The opt-in dense pipeline (detection/pipeline.yaml): detection or segmentation heads on the source's
+    encoder, one dense-train@ stage per entry of `strategies` (validated by transferlab.strategies.dense)."""
+
+    task: Literal["detection", "segmentation"] = Field(
+        "detection", description="detection (CenterNet boxes, COCO mAP) | segmentation (per-pixel classes, IoU)"
+    )
+    source: str = Field("efficientnet_lite0", description="a key of `sources` whose encoder is the backbone")
+    data: DenseDataParams = DenseDataParams()
+    # 64 px: items of 20-28 px stay 5-7 cells wide on the stride-4 output map.
+    image_size: int = Field(64, ge=32, le=1024, description="square side of every image (px), a multiple of 32")
+    seeds: list[int] = Field([0, 1], min_length=1, description="one training run per seed and strategy")
+    batch_size: int = Field(16, ge=1)
+    epochs: int = Field(8, ge=1, description="epochs of the cosine schedule (a strategy's `epochs` overrides it)")
+    lr_grid: list[float] = Field([1.0, 3.0], min_length=1, description="multipliers of each strategy's lr, on val")
+    lr_search_epochs: int = Field(2, ge=1, description="epochs per rate of the grid (first seed)")
+    weight_decay: float = Field(1e-4, ge=0)
+    decoder_channels: int = Field(48, ge=8, description="width of the FPN-style decoder")
+    strategies: dict[str, dict[str, Any]] = Field(
+        {"head_only": {}, "finetune_full": {}, "scratch": {}},
+        description="dense strategies (transferlab.strategies.dense): head_only, finetune_top, finetune_full, "
+        "lora, scratch; `kind` defaults to the entry's name",
+    )
+    baseline: str = Field("scratch", description="the strategy every other is compared against")
+    max_detections: int = Field(20, ge=1, description="detection: boxes kept per image (top scores)")
+    n_bootstrap: int = Field(200, ge=50, description="bootstrap resamples of the test images (mAP / IoU recomputed)")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    figure_images: int = Field(4, ge=1, le=16, description="test images drawn in the report's figure")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value) or any(v < 0 for v in value):
+            raise ValueError(f"must be distinct non-negative integers (got {value})")
+        return value
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"must be a multiple of 32, the encoder's deepest stride (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _baseline_listed(self) -> DenseParams:
+        if self.baseline not in self.strategies:
+            raise ValueError(
+                f"baseline: '{self.baseline}' is not listed under dense.strategies (listed: {sorted(self.strategies)})"
+            )
+        return self
+
+
 class CompareParams(Section):
     n_bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples of the test set")
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
@@ -586,6 +693,7 @@ class Params(Section):
     compare: CompareParams = CompareParams()
     curve: CurveParams = CurveParams()
     deploy: DeployParams = DeployParams()
+    dense: DenseParams = DenseParams()
 
     @field_validator("sources", "strategies")
     @classmethod
@@ -623,6 +731,10 @@ class Params(Section):
             raise ValueError(
                 f"baseline.model: '{self.baseline.model}' does not read {modality} data (data.dataset "
                 f"'{self.data.dataset}'): use {want}"
+            )
+        if "dense" in self.model_fields_set and self.dense.source not in self.sources:
+            raise ValueError(
+                f"dense.source: '{self.dense.source}' is not a key of `sources` (valid: {sorted(self.sources)})"
             )
         fs = self.diagnose.forgetting_source
         if fs is not None and (fs not in self.sources or self.sources[fs].kind != "pipeline"):

@@ -96,7 +96,9 @@ class Deployment:
     meta: dict = field(default_factory=dict)
 
 
-def corrupted_deployment(raw: RawDataset, prepared: Prepared, data: DataParams, spec: DeployDataParams, seed: int) -> Deployment:
+def corrupted_deployment(
+    raw: RawDataset, prepared: Prepared, data: DataParams, spec: DeployDataParams, seed: int
+) -> Deployment:
     """The built-in deployment domain (see the module docstring).
 
     Raises:
@@ -118,7 +120,9 @@ def corrupted_deployment(raw: RawDataset, prepared: Prepared, data: DataParams, 
         order = rng.permutation(n)  # equal shares, assigned in a seeded order
         groups = np.empty(n, dtype=object)
         groups[order] = [families[i % len(families)] for i in range(n)]
-        images = np.stack([corrupt(img, str(g), spec.severity, rng) for img, g in zip(pool.images, groups, strict=True)])
+        images = np.stack(
+            [corrupt(img, str(g), spec.severity, rng) for img, g in zip(pool.images, groups, strict=True)]
+        )
     else:
         groups = np.full(n, "clean", dtype=object)
         images = pool.images
@@ -137,7 +141,9 @@ def corrupted_deployment(raw: RawDataset, prepared: Prepared, data: DataParams, 
     )
 
 
-def folder_deployment(path: str | Path, class_names: list[str], data: DataParams, spec: DeployDataParams, seed: int) -> Deployment:
+def folder_deployment(
+    path: str | Path, class_names: list[str], data: DataParams, spec: DeployDataParams, seed: int
+) -> Deployment:
     """A user's folder of deployment images (see the module docstring).
 
     Raises:
@@ -220,7 +226,9 @@ def save_deployment(images_dir: str | Path, labels_dir: str | Path, dep: Deploym
     labels_dir.mkdir(parents=True, exist_ok=True)
     if dep.labels is not None:
         write_npy(labels_dir / "labels.npy", dep.labels)
-        summary["per_class"] = {class_names[c]: int(n) for c, n in enumerate(np.bincount(dep.labels, minlength=len(class_names)))}
+        summary["per_class"] = {
+            class_names[c]: int(n) for c, n in enumerate(np.bincount(dep.labels, minlength=len(class_names)))
+        }
     write_json(labels_dir / "meta.json", {"labelled": dep.labels is not None, "images": int(len(dep.images))})
     return summary
 

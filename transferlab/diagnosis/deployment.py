@@ -139,9 +139,7 @@ def measure_model(
     extra: dict[str, Any] = {}
     if _has_bn(model):
         for key, imgs in (("deploy", deploy_images[dep_s]), ("control", test_images[ctl_s])):
-            bn[key] = bn_gap_interval(
-                [model], to_input(imgs, mean, std), n_bootstrap=n_bootstrap, seed=seed
-            )
+            bn[key] = bn_gap_interval([model], to_input(imgs, mean, std), n_bootstrap=n_bootstrap, seed=seed)
         if adabn:
             adapted = copy.deepcopy(model)
             reestimate_bn_stats(adapted, lambda idx, _aug: to_input(deploy_images[idx], mean, std), len(deploy_images))
@@ -167,7 +165,9 @@ def measure_model(
     )
 
 
-def grade_shift(pads: list[tuple[float, np.ndarray]], mmds: list[dict], *, threshold: float, alpha: float, confidence: float) -> dict:
+def grade_shift(
+    pads: list[tuple[float, np.ndarray]], mmds: list[dict], *, threshold: float, alpha: float, confidence: float
+) -> dict:
     """One comparison (deploy, control or adapted) over a model's seeds, graded by SHIFT_RULE.
 
     PAD: the mean over seeds, its interval from the mean of the seeds' replicates (shared draws). MMD: every
@@ -239,7 +239,11 @@ def summarize_strategy(
         have = [m for m in measures if key in m.pad]
         if len(have) == len(measures):
             out["shift"][key] = grade_shift(
-                [m.pad[key] for m in have], [m.mmd[key] for m in have], threshold=pad_threshold, alpha=alpha, confidence=confidence
+                [m.pad[key] for m in have],
+                [m.mmd[key] for m in have],
+                threshold=pad_threshold,
+                alpha=alpha,
+                confidence=confidence,
             )
     out["shift"]["bn_gap"] = _bn_summary(measures)
     ones = np.ones(len(groups), dtype=np.int64)
@@ -248,17 +252,24 @@ def summarize_strategy(
             continue
         rows = np.stack([m.atc_indicators[variant].astype(np.int64) for m in measures])
         atc = level(ones, rows, n_bootstrap, seed, confidence)  # ATC's fraction, over deployment images and seeds
-        est = {k: round(float(np.mean([m.label_free[variant][k] for m in measures])), 4) for k in ("average_confidence", "doc")}
+        est = {
+            k: round(float(np.mean([m.label_free[variant][k] for m in measures])), 4)
+            for k in ("average_confidence", "doc")
+        }
         out["label_free"][variant] = {"atc": {k: round(v, 4) for k, v in atc.items()}, **est}
     if "adabn" in out["label_free"]:
         b = np.stack([m.atc_indicators["plain"].astype(np.int64) for m in measures])
         a = np.stack([m.atc_indicators["adabn"].astype(np.int64) for m in measures])
-        out["label_free"]["adabn_change"] = accuracy_change(ones, b, a, n_bootstrap, seed, confidence, what="ATC estimate")["change"]
+        out["label_free"]["adabn_change"] = accuracy_change(
+            ones, b, a, n_bootstrap, seed, confidence, what="ATC estimate"
+        )["change"]
     test_rows = np.stack([m.test_pred for m in measures])
     out["test_accuracy"] = level(test_labels, test_rows, n_bootstrap, seed, confidence)
     out["predicted_drop"] = round(out["test_accuracy"]["value"] - out["label_free"]["plain"]["atc"]["value"], 4)
     if deploy_labels is not None:
-        out["measured"] = _measured(measures, deploy_labels, groups, n_bootstrap, seed, confidence, out["test_accuracy"])
+        out["measured"] = _measured(
+            measures, deploy_labels, groups, n_bootstrap, seed, confidence, out["test_accuracy"]
+        )
     return out
 
 
@@ -302,17 +313,29 @@ def _measured(
 
 
 def dann_versus(
-    dann: list[SeedMeasure], base: list[SeedMeasure], deploy_labels: np.ndarray | None, test_labels: np.ndarray,
-    n_bootstrap: int, seed: int, confidence: float = 0.95,
+    dann: list[SeedMeasure],
+    base: list[SeedMeasure],
+    deploy_labels: np.ndarray | None,
+    test_labels: np.ndarray,
+    n_bootstrap: int,
+    seed: int,
+    confidence: float = 0.95,
 ) -> dict:
     """DANN against the same recipe without the domain loss (finetune_full): the label-free estimate's change,
     and, with labels, the deployment accuracy's and the test accuracy's (a trade-off shows there)."""
     ones = np.ones(len(dann[0].atc_indicators["plain"]), dtype=np.int64)
     b = np.stack([m.atc_indicators["plain"].astype(np.int64) for m in base])
     a = np.stack([m.atc_indicators["plain"].astype(np.int64) for m in dann])
-    out: dict[str, Any] = {"atc_change": accuracy_change(ones, b, a, n_bootstrap, seed, confidence, what="ATC estimate")["change"]}
+    out: dict[str, Any] = {
+        "atc_change": accuracy_change(ones, b, a, n_bootstrap, seed, confidence, what="ATC estimate")["change"]
+    }
     out["test"] = accuracy_change(
-        test_labels, np.stack([m.test_pred for m in base]), np.stack([m.test_pred for m in dann]), n_bootstrap, seed, confidence,
+        test_labels,
+        np.stack([m.test_pred for m in base]),
+        np.stack([m.test_pred for m in dann]),
+        n_bootstrap,
+        seed,
+        confidence,
         what="test accuracy",
     )
     if deploy_labels is not None:
@@ -362,6 +385,10 @@ def recommend(strategies: dict[str, dict]) -> dict:
             ),
             key=lambda o: o[0],
         )
-        out["best_measured"] = {"strategy": best[1], "adaptation": "adabn" if best[2] == "adabn" else "none", "accuracy": best[0]}
+        out["best_measured"] = {
+            "strategy": best[1],
+            "adaptation": "adabn" if best[2] == "adabn" else "none",
+            "accuracy": best[0],
+        }
         out["regret"] = round(best[0] - m, 4)
     return out

@@ -46,7 +46,9 @@ def _lead(result: dict) -> list[str]:
     rec = result["recommendation"]
     if not rec.get("strategy"):
         return [f"**No recommendation**: {rec.get('why', '')}.", ""]
-    what = rec["strategy"] + (" with AdaBN (BatchNorm statistics of the deployment images)" if rec["adaptation"] == "adabn" else "")
+    what = rec["strategy"] + (
+        " with AdaBN (BatchNorm statistics of the deployment images)" if rec["adaptation"] == "adabn" else ""
+    )
     line = f"**Deploy {what}**: predicted {_pct(rec['predicted'])} on deployment (ATC, no labels used)"
     if "measured" in rec:
         interval = rec.get("measured_interval")
@@ -86,7 +88,11 @@ def deployment_markdown(result: dict, class_names: list[str]) -> str:
         src = f"folder: {d['images']} images ({d.get('undecodable', 0)} undecodable skipped)"
     lines += [
         f"Deployment images: {src}. Labels: "
-        + ("present, read only after every prediction, to check." if result["labelled"] else "none (label-free estimates only)."),
+        + (
+            "present, read only after every prediction, to check."
+            if result["labelled"]
+            else "none (label-free estimates only)."
+        ),
         "",
         "## How far deployment is from the training distribution",
         "",
@@ -113,7 +119,8 @@ def deployment_markdown(result: dict, class_names: list[str]) -> str:
         "",
         "## Accuracy on deployment: predicted without labels" + (", and measured" if result["labelled"] else ""),
         "",
-        "ATC (average thresholded confidence, Garg et al. 2022): the threshold on the softmax's negative entropy is set "
+        "ATC (average thresholded confidence, Garg et al. 2022): the threshold on the softmax's negative entropy "
+        "is set "
         "on the validation split so that the share of validation images above it equals validation accuracy; the "
         "prediction is the share of deployment images above it (interval: deployment images and seeds; the "
         "threshold's own noise is not in it). AC = average top confidence; DoC = validation accuracy minus the drop "
@@ -130,12 +137,16 @@ def deployment_markdown(result: dict, class_names: list[str]) -> str:
         lf = r["label_free"]["plain"]
         row = (
             f"| {name}{'' if r.get('converged') is not False else ' (under-trained)'} | {_ci(r['test_accuracy'])} | "
-            f"{_ci(lf['atc'])} | {_pct(lf['average_confidence'])} | {_pct(lf['doc'])} | {100 * r['predicted_drop']:.1f} pp |"
+            f"{_ci(lf['atc'])} | {_pct(lf['average_confidence'])} | {_pct(lf['doc'])} | "
+            f"{100 * r['predicted_drop']:.1f} pp |"
         )
         if result["labelled"]:
             m = r["measured"]
             drop = m["drop"]
-            row += f" {_ci(m['deploy_accuracy'])} | {100 * drop['gain']:.1f} pp [{100 * drop['ci_low']:.1f}, {100 * drop['ci_high']:.1f}] |"
+            row += (
+                f" {_ci(m['deploy_accuracy'])} | {100 * drop['gain']:.1f} pp "
+                f"[{100 * drop['ci_low']:.1f}, {100 * drop['ci_high']:.1f}] |"
+            )
         lines.append(row)
     if result["labelled"]:
         pr = result["predictors"]
@@ -159,7 +170,11 @@ def deployment_markdown(result: dict, class_names: list[str]) -> str:
             lines += ["| model | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
             for name, r in s.items():
                 pg = r["measured"]["per_group"]
-                lines.append(f"| {name} | " + " | ".join(f"{_pct(pg[g]['accuracy'])} / {_pct(pg[g]['atc'])}" for g in groups) + " |")
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(f"{_pct(pg[g]['accuracy'])} / {_pct(pg[g]['atc'])}" for g in groups)
+                    + " |"
+                )
             lines.append("")
     lines += ["", "## Adapting to the deployment images", "", "### AdaBN on deployment statistics", ""]
     ada = [(n, r) for n, r in s.items() if "adabn" in r["label_free"]]
@@ -174,10 +189,16 @@ def deployment_markdown(result: dict, class_names: list[str]) -> str:
         lines += [head, sep]
         for name, r in ada:
             lf = r["label_free"]
-            row = f"| {name} | {_pct(lf['plain']['atc']['value'])} → {_pct(lf['adabn']['atc']['value'])} | {_pp(lf['adabn_change'])} |"
+            row = (
+                f"| {name} | {_pct(lf['plain']['atc']['value'])} → {_pct(lf['adabn']['atc']['value'])} | "
+                f"{_pp(lf['adabn_change'])} |"
+            )
             if result["labelled"]:
                 a = r["measured"]["adabn"]
-                row += f" {_pct(a['before'])} → {_pct(a['after'])} | {_pp(a['change'])} | {_adaptation_words(a['verdict'])} |"
+                row += (
+                    f" {_pct(a['before'])} → {_pct(a['after'])} | {_pp(a['change'])} | "
+                    f"{_adaptation_words(a['verdict'])} |"
+                )
             lines.append(row)
         if result["labelled"]:
             helped = [n for n, r in ada if r["measured"]["adabn"]["verdict"] == "helps"]
@@ -204,8 +225,20 @@ def deployment_markdown(result: dict, class_names: list[str]) -> str:
                 f"- measured deployment accuracy: {_pct(dv['deploy']['before'])} → {_pct(dv['deploy']['after'])}, "
                 f"{_pp(dv['deploy']['change'])}: DANN **{_adaptation_words(dv['deploy']['verdict'])}**"
             )
-        dsh, fsh = s.get("dann", {}).get("shift", {}).get("deploy"), s.get("finetune_full", {}).get("shift", {}).get("deploy")
+        dsh, fsh = (
+            s.get("dann", {}).get("shift", {}).get("deploy"),
+            s.get("finetune_full", {}).get("shift", {}).get("deploy"),
+        )
         if dsh and fsh:
             lines.append(f"- feature shift (PAD): finetune_full {_pad(fsh)}, DANN {_pad(dsh)}")
+        dom = result.get("dann_domain_accuracy") or {}
+        if dom:
+            per = "; ".join(
+                f"seed {k}: {_pct(v['first_epoch'])} at epoch 1, {_pct(v['best_epoch'])} at the kept epoch"
+                for k, v in dom.items()
+            )
+            lines.append(
+                f"- the domain classifier's training accuracy (train against deployment images; 50% = fooled): {per}"
+            )
     lines.append("")
     return "\n".join(lines)

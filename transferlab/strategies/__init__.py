@@ -7,6 +7,9 @@ The registry is lazy: `transferlab/strategies/<name>.py` holds the strategy `<na
 imported the first time that strategy is asked for. Validating params therefore imports only the strategies
 the params name, and none of them imports torch at module level (see `base.py`).
 
+The dense tasks (detection, segmentation) have their own registry in `dense.py` (not a classification
+strategy module: `base.NOT_STRATEGIES`).
+
 Layer: above `models`. May import `params`, `core`, `data` and `models`; never `training` or above (the
 training loop calls strategies, not the other way round).
 """

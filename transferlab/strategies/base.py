@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 PACKAGE = "transferlab.strategies"
+# Modules of the package that are not one classification strategy: the interface, and the dense tasks' own
+# registry (`dense.py`: detection and segmentation strategies, a different interface).
+NOT_STRATEGIES = ("base", "dense")
 
 
 class StrategyRegistry(Mapping):
@@ -43,7 +46,9 @@ class StrategyRegistry(Mapping):
         """Every strategy name, from the package's module names (nothing is imported)."""
         package = importlib.import_module(PACKAGE)
         found = {
-            m.name for m in pkgutil.iter_modules(package.__path__) if m.name != "base" and not m.name.startswith("_")
+            m.name
+            for m in pkgutil.iter_modules(package.__path__)
+            if m.name not in NOT_STRATEGIES and not m.name.startswith("_")
         }
         return sorted(found | set(self._loaded))
 
@@ -191,6 +196,7 @@ class Strategy:
     # `start_run` as `UnlabelledBatches`); training without them is refused before any work.
     uses_unlabelled: ClassVar[bool] = False
     history_keys: ClassVar[tuple[str, ...]] = ()  # the extra history columns `epoch_metrics` adds
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)  # dense tasks have their own (strategies.dense)
 
     def teacher_spec(self, cfg: StrategyConfig) -> TeacherSpec | None:
         """A network the training layer must fine-tune on the run's data before this strategy's model
