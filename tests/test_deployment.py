@@ -269,7 +269,7 @@ def test_tiny_deployment_study_through_dvc_repro_never_reads_labels_to_choose(tm
     labels.unlink()  # a DVC cache link: replace the file, not its cached target
     np.save(labels, poisoned)
     log = sh(sys.executable, "-m", "dvc", "repro", "--single-item", "deploy/dvc.yaml:deploy", cwd=repo)
-    assert "Running stage 'deploy'" in log, log
+    assert "Running stage 'deploy/dvc.yaml:deploy'" in log, log
     poisoned_out = json.loads((repo / "metrics/deployment.json").read_text())
     assert (repo / "models/deploy_dann/seed_0/model.pt").read_bytes() == dann_model
     for name, s in out["strategies"].items():
