@@ -257,7 +257,7 @@ def test_tiny_deployment_study_through_dvc_repro_never_reads_labels_to_choose(tm
     assert "dann_vs_finetune_full" in out and out["recommendation"]["strategy"]
     report = (repo / "reports/deployment.md").read_text()
     assert "# Deployment study" in report and "DANN" in report
-    dann_model = (repo / "models/deploy_dann/seed_0/model.pt").read_bytes()
+    dann_model = (repo / "deploy/models/dann/seed_0/model.pt").read_bytes()
 
     # DANN cannot read a label: deploy-prepare writes them to a folder deploy-train does not depend on.
     stages = yaml.safe_load((repo / "deploy/pipeline.yaml").read_text())["stages"]
@@ -271,7 +271,7 @@ def test_tiny_deployment_study_through_dvc_repro_never_reads_labels_to_choose(tm
     log = sh(sys.executable, "-m", "dvc", "repro", "--single-item", "deploy/dvc.yaml:deploy", cwd=repo)
     assert "Running stage 'deploy/dvc.yaml:deploy'" in log, log
     poisoned_out = json.loads((repo / "metrics/deployment.json").read_text())
-    assert (repo / "models/deploy_dann/seed_0/model.pt").read_bytes() == dann_model
+    assert (repo / "deploy/models/dann/seed_0/model.pt").read_bytes() == dann_model
     for name, s in out["strategies"].items():
         p = poisoned_out["strategies"][name]
         assert p["label_free"] == s["label_free"] and p["shift"] == s["shift"], name
