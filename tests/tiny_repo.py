@@ -37,9 +37,11 @@ def copy_project(repo: Path) -> Path:
     for item in ("dvc.yaml", "curve", "deploy", "detection", "stages", "transferlab", ".dvcignore", ".gitignore"):
         src = ROOT / item
         if src.is_dir():
-            # curve/, deploy/, detection/: the opt-in templates only (their dvc.yaml, lock and predictions are a
-            # local run's)
-            ignore = shutil.ignore_patterns("__pycache__", "dvc.yaml", "dvc.lock", "predictions")
+            # curve/, deploy/, detection/: the opt-in templates only (their dvc.yaml, lock, models and predictions
+            # are a local run's)
+            opt_in = item in ("curve", "deploy", "detection")
+            local = ("dvc.yaml", "dvc.lock", "predictions", "models") if opt_in else ()
+            ignore = shutil.ignore_patterns("__pycache__", *local)
             shutil.copytree(src, repo / item, ignore=ignore)
         else:
             shutil.copy(src, repo / item)
