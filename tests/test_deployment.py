@@ -254,7 +254,9 @@ def test_tiny_deployment_study_through_dvc_repro_never_reads_labels_to_choose(tm
         assert s["shift"]["deploy"]["status"] in ("ok", "flagged", "undetermined")
         assert 0 <= s["label_free"]["plain"]["atc"]["value"] <= 1
         assert "deploy_accuracy" in s["measured"]
-    assert "dann_vs_finetune_full" in out and out["recommendation"]["strategy"]
+    assert "dann_vs_finetune_full" in out
+    rec = out["recommendation"]  # the tiny runs may all be under-trained: then no choice, and the reason
+    assert rec["strategy"] or rec["why"] == "no converged model to deploy"
     report = (repo / "reports/deployment.md").read_text()
     assert "# Deployment study" in report and "DANN" in report
     dann_model = (repo / "deploy/models/dann/seed_0/model.pt").read_bytes()

@@ -365,7 +365,7 @@ def recommend(strategies: dict[str, dict]) -> dict:
             if variant in ("plain", "adabn"):
                 options.append((lf["atc"]["value"], name, variant))
     if not options:
-        return {"choice": None, "why": "no converged model to deploy"}
+        return {"strategy": None, "adaptation": None, "predicted": None, "why": "no converged model to deploy"}
     options.sort(key=lambda o: (-o[0], o[1], o[2]))
     est, name, variant = options[0]
     out: dict[str, Any] = {"strategy": name, "adaptation": "adabn" if variant == "adabn" else "none", "predicted": est}
